@@ -1,0 +1,99 @@
+"""Database engines, migrations and the small shared primitives (counters, leases)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event, insert, select, update
+from sqlalchemy.engine import Connection
+
+from engine.models import Counter, Lease
+
+__all__ = ["bump_counter", "make_engine", "migrate", "read_counter", "release_lease", "take_lease"]
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+
+
+def make_engine(url: str, **kwargs: Any) -> Engine:
+    """An engine with the settings the tick relies on (WAL and a busy timeout on SQLite)."""
+    if url.startswith("sqlite"):
+        kwargs.setdefault("connect_args", {"timeout": 30})
+        eng = create_engine(url, **kwargs)
+
+        @event.listens_for(eng, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            # Let SQLAlchemy issue BEGIN itself so that BEGIN IMMEDIATE can be chosen per transaction.
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        @event.listens_for(eng, "begin")
+        def _sqlite_begin(conn: Connection) -> None:
+            # Writers take the lock up front, so two ticks serialise instead of failing to upgrade.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return eng
+    kwargs.setdefault("pool_pre_ping", True)
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://"):]
+    return create_engine(url, **kwargs)
+
+
+def alembic_config(engine: Engine) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.attributes["engine"] = engine
+    return cfg
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest migration."""
+    command.upgrade(alembic_config(engine), "head")
+
+
+def bump_counter(conn: Connection, name: str) -> int:
+    """Increment a named counter inside the caller's transaction and return the new value."""
+    row = conn.execute(
+        update(Counter).where(Counter.name == name).values(value=Counter.value + 1)
+        .returning(Counter.value)
+    ).first()
+    if row is None:
+        conn.execute(insert(Counter).values(name=name, value=1))
+        return 1
+    return int(row[0])
+
+
+def read_counter(conn: Connection, name: str) -> int:
+    value = conn.execute(select(Counter.value).where(Counter.name == name)).scalar()
+    return int(value or 0)
+
+
+def take_lease(conn: Connection, name: str, holder: str, now: datetime, ttl: timedelta) -> bool:
+    """Take or renew the named lease; False while another holder's lease is still valid."""
+    taken = conn.execute(
+        update(Lease)
+        .where(Lease.name == name)
+        .where((Lease.holder == holder) | (Lease.holder.is_(None)) | (Lease.expires_at < now))
+        .values(holder=holder, expires_at=now + ttl)
+    ).rowcount
+    if taken:
+        return True
+    if conn.execute(select(Lease.name).where(Lease.name == name)).first() is None:
+        conn.execute(insert(Lease).values(name=name, holder=holder, expires_at=now + ttl))
+        return True
+    return False
+
+
+def release_lease(conn: Connection, name: str, holder: str) -> None:
+    conn.execute(
+        update(Lease).where(Lease.name == name, Lease.holder == holder)
+        .values(holder=None, expires_at=None)
+    )

@@ -1,0 +1,292 @@
+"""The names a condition can use, each defined twice: as SQL over the whole base, and in Python
+over one customer's facts (for `explain`, and as the independent side of the differential test).
+
+Both sides agree on every edge: day counts truncate whole seconds toward zero, a missing value is
+None/NULL, and dates are compared in the customer's own local calendar.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Integer,
+    and_,
+    case,
+    false,
+    func,
+    literal,
+    select,
+    true,
+)
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.expression import FromClause
+from sqlalchemy.sql.functions import FunctionElement
+
+from engine.models import Event
+
+__all__ = [
+    "Facts",
+    "Metric",
+    "MetricType",
+    "SqlContext",
+    "UnknownName",
+    "days_between",
+    "resolve",
+    "known_names",
+]
+
+
+class MetricType(StrEnum):
+    NUMBER = "number"
+    TEXT = "text"
+    BOOL = "bool"
+
+
+@dataclass(frozen=True)
+class SqlContext:
+    """The FROM clause a compiled condition refers to."""
+
+    customer: FromClause
+    membership: FromClause
+    local_today: ColumnElement[Any]
+    now: datetime
+
+
+@dataclass
+class Facts:
+    """Everything known about one customer, loaded row by row (the per-customer view)."""
+
+    customer: dict[str, Any]
+    membership: dict[str, Any] | None
+    local_today: date
+    now: datetime
+    events: dict[str, list[datetime]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A name usable in a condition."""
+
+    name: str
+    type: MetricType
+    sql: Callable[[SqlContext], ColumnElement[Any]]
+    py: Callable[[Facts], Any]
+    description: str = ""
+
+
+class UnknownName(LookupError):
+    """A condition names something that is not a metric or field."""
+
+    def __init__(self, name: str) -> None:
+        close = difflib.get_close_matches(name, known_names(), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        super().__init__(f"unknown name {name!r}{hint}")
+        self.name = name
+
+
+# --- dialect-portable day arithmetic ----------------------------------------------------------
+
+
+class days_between(FunctionElement[int]):  # noqa: N801 - reads as a SQL function
+    """Whole days from date `a` to date `b` (b - a)."""
+
+    type = Integer()
+    inherit_cache = True
+
+
+@compiles(days_between, "sqlite")
+def _days_between_sqlite(element: days_between, compiler: Any, **kw: Any) -> str:
+    a, b = list(element.clauses)
+    return (f"CAST(julianday({compiler.process(b, **kw)}) - julianday({compiler.process(a, **kw)})"
+            " AS INTEGER)")
+
+
+@compiles(days_between)
+def _days_between_default(element: days_between, compiler: Any, **kw: Any) -> str:
+    a, b = list(element.clauses)
+    return f"(CAST({compiler.process(b, **kw)} AS DATE) - CAST({compiler.process(a, **kw)} AS DATE))"
+
+
+class whole_days_since(FunctionElement[int]):  # noqa: N801
+    """Whole days (truncated) between timestamp `a` and timestamp `b`, to the second."""
+
+    type = BigInteger()
+    inherit_cache = True
+
+
+@compiles(whole_days_since, "sqlite")
+def _wds_sqlite(element: whole_days_since, compiler: Any, **kw: Any) -> str:
+    a, b = list(element.clauses)
+    return (f"((CAST(strftime('%s', {compiler.process(b, **kw)}) AS INTEGER)"
+            f" - CAST(strftime('%s', {compiler.process(a, **kw)}) AS INTEGER)) / 86400)")
+
+
+@compiles(whole_days_since)
+def _wds_default(element: whole_days_since, compiler: Any, **kw: Any) -> str:
+    a, b = list(element.clauses)
+    return (f"((CAST(extract(epoch from date_trunc('second', {compiler.process(b, **kw)}))"
+            f" AS BIGINT) - CAST(extract(epoch from date_trunc('second', "
+            f"{compiler.process(a, **kw)})) AS BIGINT)) / 86400)")
+
+
+def _py_whole_days(a: datetime | None, b: datetime) -> int | None:
+    if a is None:
+        return None
+    seconds = _naive_seconds(b) - _naive_seconds(a)
+    return int(seconds / 86400)  # truncation toward zero, as SQL integer division
+
+
+_EPOCH = datetime(1970, 1, 1)
+
+
+def _naive_seconds(moment: datetime) -> int:
+    delta = moment - _EPOCH
+    return delta.days * 86400 + delta.seconds
+
+
+def _as_date(value: Any) -> date | None:
+    if value is None or isinstance(value, date) and not isinstance(value, datetime):
+        return value
+    if isinstance(value, datetime):
+        return value.date()
+    return date.fromisoformat(str(value))
+
+
+# --- the catalog -------------------------------------------------------------------------------
+
+
+def _customer_column(name: str, mtype: MetricType, description: str) -> Metric:
+    return Metric(name, mtype, lambda ctx: ctx.customer.c[name], lambda f: f.customer.get(name),
+                  description)
+
+
+def _membership_column(name: str, column: str, mtype: MetricType, description: str) -> Metric:
+    return Metric(
+        name, mtype, lambda ctx: ctx.membership.c[column],
+        lambda f: None if f.membership is None else f.membership.get(column), description)
+
+
+def _has(name: str, column: str) -> Metric:
+    return Metric(
+        name, MetricType.BOOL,
+        lambda ctx: case((and_(ctx.customer.c[column].is_not(None),
+                               ctx.customer.c[column] != ""), true()), else_=false()),
+        lambda f: bool(f.customer.get(column)),
+        f"the customer has a {column.replace('_', ' ')}")
+
+
+def _days_in_stage_py(f: Facts) -> int | None:
+    return _py_whole_days(f.customer.get("stage_since"), f.now)
+
+
+_STATIC: dict[str, Metric] = {
+    m.name: m
+    for m in [
+        _customer_column("segment", MetricType.TEXT, "the customer's segment"),
+        _customer_column("locale", MetricType.TEXT, "the customer's locale"),
+        _customer_column("timezone", MetricType.TEXT, "the customer's IANA time zone"),
+        _customer_column("stage", MetricType.TEXT, "the current lifecycle stage"),
+        _customer_column("lifetime_value", MetricType.NUMBER, "sum of purchase and membership value"),
+        Metric("visits_total", MetricType.NUMBER, lambda ctx: ctx.customer.c.visit_count,
+               lambda f: f.customer.get("visit_count"), "visits ever"),
+        _has("has_email", "email"),
+        _has("has_phone", "phone"),
+        _has("has_chat", "chat_id"),
+        _membership_column("plan", "plan", MetricType.TEXT, "plan of the current membership"),
+        _membership_column("price", "price", MetricType.NUMBER, "price of the current membership"),
+        _membership_column("membership_status", "status", MetricType.TEXT,
+                           "status of the current membership"),
+        Metric("has_membership", MetricType.BOOL,
+               lambda ctx: case((ctx.membership.c.id.is_not(None), true()), else_=false()),
+               lambda f: f.membership is not None, "the customer has a membership"),
+        Metric("days_since_membership_start", MetricType.NUMBER,
+               lambda ctx: days_between(ctx.membership.c.starts_on, ctx.local_today),
+               lambda f: None if f.membership is None
+               else (f.local_today - _as_date(f.membership["starts_on"])).days,  # type: ignore[operator]
+               "local days since the current membership started (0 on its first day)"),
+        Metric("days_until_membership_end", MetricType.NUMBER,
+               lambda ctx: days_between(ctx.local_today, ctx.membership.c.ends_on),
+               lambda f: None if f.membership is None
+               else (_as_date(f.membership["ends_on"]) - f.local_today).days,  # type: ignore[operator]
+               "local days until the current membership ends (0 on its last day)"),
+        Metric("days_since_last_visit", MetricType.NUMBER,
+               lambda ctx: whole_days_since(ctx.customer.c.last_visit_at, literal(ctx.now)),
+               lambda f: _py_whole_days(f.customer.get("last_visit_at"), f.now),
+               "whole days since the last visit; missing if the customer never visited"),
+        Metric("days_in_stage", MetricType.NUMBER,
+               lambda ctx: whole_days_since(ctx.customer.c.stage_since, literal(ctx.now)),
+               _days_in_stage_py, "whole days since the customer entered the current stage"),
+    ]
+}
+
+# `visits_30d`, `bookings_7d`, `purchases_365d`: events of a kind in the last N days.
+_WINDOWED = re.compile(r"^(visits|bookings|purchases)_(\d{1,4})d$")
+_EVENT_KINDS = {"visits": "visit", "bookings": "booking", "purchases": "purchase"}
+
+
+def _windowed(name: str, kind: str, days: int) -> Metric:
+    def sql(ctx: SqlContext) -> ColumnElement[Any]:
+        since = ctx.now - timedelta(days=days)
+        return (
+            select(func.count())
+            .where(Event.customer_id == ctx.customer.c.id, Event.kind == kind,
+                   Event.occurred_at > since, Event.occurred_at <= ctx.now)
+            .correlate(ctx.customer)
+            .scalar_subquery()
+        )
+
+    def py(f: Facts) -> int:
+        since = f.now - timedelta(days=days)
+        return sum(1 for t in f.events.get(kind, ()) if since < t <= f.now)
+
+    return Metric(name, MetricType.NUMBER, sql, py, f"{kind} events in the last {days} days")
+
+
+def resolve(name: str) -> Metric:
+    """The metric for a name, or UnknownName with a suggestion."""
+    if name in _STATIC:
+        return _STATIC[name]
+    match = _WINDOWED.match(name)
+    if match and 0 < int(match.group(2)) <= 3650:
+        return _windowed(name, _EVENT_KINDS[match.group(1)], int(match.group(2)))
+    raise UnknownName(name)
+
+
+def attribute_metric(key: str, mtype: MetricType) -> Metric:
+    """`attributes.<key>`: a free customer attribute, read as the type it is compared with."""
+
+    def sql(ctx: SqlContext) -> ColumnElement[Any]:
+        element = ctx.customer.c.attributes[key]
+        if mtype is MetricType.NUMBER:
+            return element.as_float()
+        if mtype is MetricType.BOOL:
+            return element.as_boolean()
+        return element.as_string()
+
+    def py(f: Facts) -> Any:
+        value = (f.customer.get("attributes") or {}).get(key)
+        if value is None:
+            return None
+        if mtype is MetricType.NUMBER:
+            return float(value) if isinstance(value, int | float) and not isinstance(value, bool) \
+                else None
+        if mtype is MetricType.BOOL:
+            return value if isinstance(value, bool) else None
+        return value if isinstance(value, str) else None
+
+    return Metric(f"attributes.{key}", mtype, sql, py, f"the customer attribute {key!r}")
+
+
+def known_names() -> Sequence[str]:
+    """Names for suggestions and the reference: the static ones and windowed examples."""
+    return [*sorted(_STATIC), "visits_7d", "visits_30d", "visits_90d", "bookings_30d",
+            "purchases_365d"]
