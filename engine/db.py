@@ -20,6 +20,8 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """An engine with the settings the tick relies on (WAL and a busy timeout on SQLite)."""
+    # The tick counts what INSERT ... SELECT wrote; keep rowcount for every statement.
+    kwargs.setdefault("execution_options", {"preserve_rowcount": True})
     if url.startswith("sqlite"):
         kwargs.setdefault("connect_args", {"timeout": 30})
         eng = create_engine(url, **kwargs)

@@ -114,7 +114,7 @@ class Customer(Base):
     # Bumped from the `change` counter whenever ingestion touches the customer or their data.
     change_seq: Mapped[int] = mapped_column(BigInteger, default=0, index=True)
 
-    __table_args__ = (Index(None, "stage"),)
+    __table_args__ = (Index(None, "stage"), Index(None, "timezone"))
 
 
 class Membership(Base):
@@ -166,7 +166,8 @@ class StageChange(Base):
     entered_at: Mapped[datetime]
     tick_id: Mapped[int | None] = mapped_column(BigId)
 
-    __table_args__ = (Index(None, "stage", "id"), Index(None, "customer_id", "id"))
+    __table_args__ = (
+        Index(None, "stage", "id"), Index(None, "customer_id", "id"), Index(None, "tick_id"))
 
 
 class RuleFileVersion(Base):
@@ -225,6 +226,7 @@ class Occurrence(Base):
     stage: Mapped[str | None] = mapped_column(String(32))
     arm: Mapped[str] = mapped_column(String(16), default="treatment")
     variant: Mapped[str | None] = mapped_column(String(64))
+    channel: Mapped[str | None] = mapped_column(String(32))
     status: Mapped[str] = mapped_column(String(16), default=OccurrenceStatus.MESSAGE)
     reason: Mapped[str | None] = mapped_column(String(256))
 

@@ -188,7 +188,7 @@ class Scope(StrEnum):
 
     PER_CYCLE = "per_cycle"
     EVER = "ever"
-    PER_EVENT = "per_event"
+    PER_EVENT = "per_event"  # each event (event triggers) or each slot (schedule triggers)
 
 
 class EveryScope(Strict):
@@ -249,8 +249,8 @@ class Trigger(Strict):
 
     @model_validator(mode="after")
     def _per_event_needs_event(self) -> Trigger:
-        if self.once == Scope.PER_EVENT and not isinstance(self.when, EventWhen):
-            raise ValueError("once: per_event needs when: {event: ...}")
+        if self.once == Scope.PER_EVENT and not isinstance(self.when, EventWhen | ScheduleWhen):
+            raise ValueError("once: per_event needs when: {event: ...} or {schedule: ...}")
         return self
 
 

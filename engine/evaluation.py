@@ -1,0 +1,522 @@
+"""Evaluation: one tick evaluates every enabled trigger over the whole base, set-wise in SQL.
+
+A tick, in one transaction:
+1. computes every customer's lifecycle stage and records the changes (`engine.lifecycle`);
+2. for each trigger, selects the customers for whom it is due (its `when`), in its stages, whose
+   conditions hold, and inserts one occurrence per (trigger, customer, re-entry scope) — the unique
+   key makes a second tick, or a second process, a no-op;
+3. assigns holdout arm, variant and channel to the new occurrences, and turns the treated ones
+   into outbox messages.
+
+An incremental tick restricts steps 1-2 to customers whose data changed since the previous tick;
+event and stage-entry triggers always read only what arrived since their watermark.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time as _time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from enum import StrEnum
+from typing import Any, Protocol
+from zoneinfo import ZoneInfo
+
+from apscheduler.triggers.cron import CronTrigger
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Connection,
+    Date,
+    Engine,
+    FromClause,
+    Select,
+    String,
+    and_,
+    case,
+    cast,
+    exists,
+    func,
+    insert,
+    literal,
+    null,
+    select,
+    true,
+    union_all,
+    update,
+)
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from engine.assignment import (
+    BUCKETS,
+    bucket_sql,
+    pick_variant_sql,
+    salt,
+    variant_cutoffs,
+)
+from engine.clock import Clock, utc_naive
+from engine.conditions import Condition
+from engine.config import ProjectConfig
+from engine.db import read_counter, release_lease, take_lease
+from engine.lifecycle import Lifecycle
+from engine.metrics import SqlContext
+from engine.models import (
+    Customer,
+    Event,
+    Membership,
+    Message,
+    MessageStatus,
+    Occurrence,
+    OccurrenceStatus,
+    RuleFileVersion,
+    StageChange,
+    Tick,
+    TriggerState,
+)
+from engine.rulefile import (
+    Anchor,
+    EventWhen,
+    EveryScope,
+    RelativeWhen,
+    ScheduleWhen,
+    Scope,
+    StageWhen,
+    Trigger,
+)
+
+__all__ = ["Evaluator", "TickBusy", "TickKind", "TickResult", "local_dates"]
+
+TICK_LEASE = "tick"
+
+
+class TickKind(StrEnum):
+    FULL = "full"
+    INCREMENTAL = "incremental"
+
+
+class TickBusy(RuntimeError):
+    """Another process holds the tick lease of this database."""
+
+
+class LoadedTriggerLike(Protocol):
+    trigger: Trigger
+    conditions: list[Condition]
+    path: str
+    sha256: str
+
+
+@dataclass
+class TickResult:
+    """What one tick did."""
+
+    tick_id: int
+    kind: TickKind
+    now: datetime
+    dry_run: bool
+    stage_changes: int = 0
+    occurrences: dict[str, int] = field(default_factory=dict)
+    messages: int = 0
+    held_out: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"tick_id": self.tick_id, "kind": str(self.kind), "now": self.now.isoformat(),
+                "dry_run": self.dry_run, "stage_changes": self.stage_changes,
+                "occurrences": self.occurrences, "messages": self.messages,
+                "held_out": self.held_out, "skipped": self.skipped,
+                "seconds": round(self.seconds, 4)}
+
+
+@dataclass(frozen=True)
+class LocalDay:
+    """Local calendar facts of one time zone at the tick's instant."""
+
+    tz: str
+    today: date
+    local_now: datetime
+
+
+def local_dates(zones: Iterable[str], now: datetime) -> list[LocalDay]:
+    """For each time zone, the local date and time at the UTC instant `now`."""
+    out = []
+    aware = now.replace(tzinfo=ZoneInfo("UTC"))
+    for tz in sorted(set(zones)):
+        local = aware.astimezone(ZoneInfo(tz)).replace(tzinfo=None)
+        out.append(LocalDay(tz, local.date(), local))
+    return out
+
+
+def _table(rows: Sequence[tuple[Any, ...]], names: Sequence[str], types: Sequence[Any],
+           alias: str) -> FromClause:
+    """A small derived table from Python rows, portable to SQLite and PostgreSQL."""
+    selects = [select(*(literal(v, t).label(n) for v, n, t in zip(row, names, types, strict=True)))
+               for row in rows]
+    if len(selects) == 1:
+        return selects[0].subquery(alias)
+    return union_all(*selects).subquery(alias)
+
+
+def insert_ignore(conn: Connection, table: Any) -> Any:
+    """INSERT ... ON CONFLICT DO NOTHING for the connection's dialect."""
+    if conn.dialect.name == "postgresql":
+        return pg_insert(table).on_conflict_do_nothing()
+    return sqlite_insert(table).on_conflict_do_nothing()
+
+
+class Evaluator:
+    """Runs ticks for one rule set over one database."""
+
+    def __init__(self, engine: Engine, config: ProjectConfig, triggers: Sequence[LoadedTriggerLike],
+                 clock: Clock, *, files: dict[str, tuple[str, str]] | None = None,
+                 holder: str | None = None) -> None:
+        self.engine = engine
+        self.config = config
+        self.triggers = [t for t in triggers if t.trigger.enabled]
+        self.clock = clock
+        self.files = files or {}
+        self.lifecycle = Lifecycle(config.lifecycle)
+        self.default_tz = config.club.timezone
+        self.holder = holder or f"{socket.gethostname()}:{os.getpid()}"
+        self.contact = {name: ch.contact for name, ch in config.channels.channels.items()}
+
+    # the tick ----------------------------------------------------------------------------------
+
+    def tick(self, *, kind: TickKind = TickKind.FULL, dry_run: bool = False,
+             now: datetime | None = None, lease_ttl: timedelta = timedelta(minutes=10)) -> TickResult:
+        """Evaluate every enabled trigger once. Raises TickBusy if another process is ticking."""
+        now = utc_naive(now or self.clock.now())
+        started = _time.perf_counter()
+        with self.engine.begin() as conn:
+            if not take_lease(conn, TICK_LEASE, self.holder, self.clock.now(), lease_ttl):
+                raise TickBusy("another process is ticking this database")
+        try:
+            conn_cm = self.engine.connect()
+            with conn_cm as conn:
+                trans = conn.begin()
+                try:
+                    result = self._tick(conn, kind, dry_run, now)
+                except BaseException:
+                    trans.rollback()
+                    raise
+                if dry_run:
+                    trans.rollback()
+                else:
+                    trans.commit()
+        finally:
+            with self.engine.begin() as conn:
+                release_lease(conn, TICK_LEASE, self.holder)
+        result.seconds = _time.perf_counter() - started
+        return result
+
+    def preview(self, trigger_id: str, *, sample: int = 10,
+                now: datetime | None = None) -> dict[str, Any]:
+        """Who the trigger would fire for if a tick ran now, and who matches its stage and
+        conditions regardless of `when`; nothing is written."""
+        now = utc_naive(now or self.clock.now())
+        selected = [t for t in self.triggers if t.trigger.id == trigger_id]
+        if not selected:
+            raise LookupError(f"unknown or disabled trigger {trigger_id!r}")
+        loaded = selected[0]
+        evaluator = Evaluator(self.engine, self.config, selected, self.clock, files=self.files,
+                              holder=self.holder)
+        with self.engine.connect() as conn:
+            trans = conn.begin()
+            try:
+                result = evaluator._tick(conn, TickKind.FULL, True, now)
+                o = Occurrence.__table__
+                c = Customer.__table__
+                rows = conn.execute(
+                    select(c.c.external_id, o.c.arm, o.c.variant, o.c.channel, o.c.status)
+                    .select_from(o.join(c, c.c.id == o.c.customer_id))
+                    .where(o.c.tick_id == result.tick_id).order_by(o.c.id).limit(sample)
+                ).mappings().all()
+                ctx, base = evaluator._context(conn, now, TickKind.FULL, 0)
+                audience = base.add_columns(func.count()).where(
+                    *([c.c.stage.in_(loaded.trigger.stages)] if loaded.trigger.stages else []),
+                    *(cond.sql(ctx) for cond in loaded.conditions))
+                matching = int(conn.execute(audience).scalar_one())
+            finally:
+                trans.rollback()
+        return {"trigger": trigger_id, "now": now.isoformat(),
+                "would_fire": result.occurrences.get(trigger_id, 0),
+                "would_send": result.messages, "held_out": result.held_out,
+                "skipped": result.skipped, "matching_conditions": matching,
+                "sample": [dict(r) for r in rows]}
+
+    def _context(self, conn: Connection, now: datetime, kind: TickKind,
+                 previous_seq: int) -> tuple[SqlContext, Select[Any]]:
+        """The evaluation context and the base FROM (customers, current membership, local date)."""
+        zones = {self.default_tz, *(
+            z for z in conn.execute(select(Customer.timezone).distinct()).scalars() if z)}
+        self._days = local_dates(zones, now)
+        self._tzv = _table([(d.tz, d.today) for d in self._days], ["tz", "today"],
+                           [String(64), Date()], "tzv")
+        c = Customer.__table__
+        m = Membership.__table__.alias("m")
+        self._m = m
+        self._tz_eff = func.coalesce(c.c.timezone, self.default_tz)
+        ctx = SqlContext(customer=c, membership=m, local_today=self._tzv.c.today, now=now)
+        base = select().select_from(c.outerjoin(m, m.c.id == c.c.current_membership_id)
+                                    .join(self._tzv, self._tzv.c.tz == self._tz_eff))
+        if kind is TickKind.INCREMENTAL:
+            base = base.where(c.c.change_seq > previous_seq)
+        return ctx, base
+
+    def _tick(self, conn: Connection, kind: TickKind, dry_run: bool, now: datetime) -> TickResult:
+        previous_seq = conn.execute(
+            select(func.max(Tick.change_seq)).where(Tick.dry_run.is_(False))).scalar() or 0
+        change_seq = read_counter(conn, "change")
+        tick_id = int(conn.execute(
+            insert(Tick).values(kind=str(kind), now=now, started_at=self.clock.now(),
+                                change_seq=change_seq, dry_run=dry_run)
+            .returning(Tick.id)).scalar_one())
+        result = TickResult(tick_id, kind, now, dry_run)
+        versions = self._rule_file_versions(conn, now)
+
+        ctx, base = self._context(conn, now, kind, previous_seq)
+        c, m, tzv, tz_eff, days = ctx.customer, self._m, self._tzv, self._tz_eff, self._days
+        changed_only = (c.c.change_seq > previous_seq) if kind is TickKind.INCREMENTAL else None
+        result.stage_changes = self.lifecycle.record_changes(conn, base, ctx, tick_id, now)
+
+        event_max = conn.execute(select(func.max(Event.id))).scalar() or 0
+        stage_max = conn.execute(select(func.max(StageChange.id))).scalar() or 0
+        states = {row.trigger_id: row for row in conn.execute(select(TriggerState.__table__))}
+        for loaded in self.triggers:
+            trig = loaded.trigger
+            state = states.get(trig.id)
+            event_wm = state.event_watermark if state else 0
+            stage_wm = state.stage_watermark if state else 0
+            candidates = self._candidates(loaded, ctx, m, tzv, tz_eff, days, now, changed_only,
+                                          (event_wm, event_max), (stage_wm, stage_max))
+            count = self._insert_occurrences(conn, loaded, candidates, ctx, tick_id, now,
+                                             versions.get(loaded.path))
+            result.occurrences[trig.id] = count
+            if count:
+                self._assign(conn, trig, tick_id)
+                held, skipped, messages = self._to_outbox(conn, trig, tick_id, now)
+                result.held_out += held
+                result.skipped += skipped
+                result.messages += messages
+            self._save_state(conn, trig.id, state is not None, versions.get(loaded.path),
+                             loaded.path, event_max, stage_max, now, count)
+        conn.execute(update(Tick).where(Tick.id == tick_id)
+                     .values(finished_at=self.clock.now(), summary=result.as_dict()))
+        return result
+
+    # candidates --------------------------------------------------------------------------------
+
+    def _candidates(self, loaded: LoadedTriggerLike, ctx: SqlContext, m: FromClause,
+                    tzv: FromClause, tz_eff: ColumnElement[Any], days: list[LocalDay],
+                    now: datetime, changed_only: ColumnElement[Any] | None,
+                    events: tuple[int, int], stages: tuple[int, int]) -> Select[Any] | None:
+        """customer_id, membership_id, event_id, scope_key of everyone the trigger fires for."""
+        trig = loaded.trigger
+        c = ctx.customer
+        when = trig.when
+        joined = c.outerjoin(m, m.c.id == c.c.current_membership_id).join(tzv, tzv.c.tz == tz_eff)
+        event_id: ColumnElement[Any] = cast(null(), BigInteger)
+        slot: ColumnElement[Any] = literal(now.date().isoformat())
+        filters: list[ColumnElement[Any]] = []
+        if isinstance(when, EventWhen):
+            lo, hi = events
+            if hi <= lo:
+                return None
+            e = Event.__table__
+            ev_filter = and_(e.c.kind == when.event, e.c.id > lo, e.c.id <= hi,
+                             e.c.occurred_at > now - when.within, e.c.occurred_at <= now)
+            if trig.once == Scope.PER_EVENT:
+                ev = select(e.c.customer_id, e.c.id.label("event_id"), e.c.occurred_at) \
+                    .where(ev_filter).subquery("ev")
+            else:
+                ev = select(e.c.customer_id, func.min(e.c.id).label("event_id"),
+                            func.min(e.c.occurred_at).label("occurred_at")) \
+                    .where(ev_filter).group_by(e.c.customer_id).subquery("ev")
+            joined = ev.join(c, c.c.id == ev.c.customer_id).outerjoin(
+                m, m.c.id == c.c.current_membership_id).join(tzv, tzv.c.tz == tz_eff)
+            event_id = ev.c.event_id
+            slot = cast(ev.c.event_id, String)
+        elif isinstance(when, StageWhen):
+            lo, hi = stages
+            if hi <= lo:
+                return None
+            sh = StageChange.__table__
+            entered = select(sh.c.customer_id, func.max(sh.c.id).label("change_id")).where(
+                sh.c.stage == when.stage_entered, sh.c.id > lo, sh.c.id <= hi,
+            ).group_by(sh.c.customer_id).subquery("entered")
+            joined = entered.join(c, c.c.id == entered.c.customer_id).outerjoin(
+                m, m.c.id == c.c.current_membership_id).join(tzv, tzv.c.tz == tz_eff)
+            filters.append(c.c.stage == when.stage_entered)
+            slot = cast(entered.c.change_id, String)
+        elif isinstance(when, RelativeWhen):
+            rows = []
+            for d in days:
+                fire_date = d.today if d.local_now.time() >= when.at else d.today - timedelta(1)
+                rows.append((d.tz, fire_date - timedelta(days=when.offset_days), fire_date))
+            due = _table(rows, ["tz", "anchor", "fire_date"], [String(64), Date(), Date()], "due")
+            anchor_col = m.c.ends_on if when.anchor is Anchor.MEMBERSHIP_ENDS else m.c.starts_on
+            joined = joined.join(due, and_(due.c.tz == tz_eff, due.c.anchor == anchor_col))
+            filters.append(anchor_col.in_(sorted({r[1] for r in rows})))
+            slot = cast(due.c.fire_date, String)
+            if changed_only is not None:
+                filters.append(changed_only)
+        elif isinstance(when, ScheduleWhen):
+            rows = [(d.tz, s) for d in days if (s := _latest_slot(when.schedule, d)) is not None]
+            if not rows:
+                return None
+            due = _table(rows, ["tz", "slot"], [String(64), String(32)], "due")
+            joined = joined.join(due, due.c.tz == tz_eff)
+            slot = due.c.slot
+            if changed_only is not None:
+                filters.append(changed_only)
+
+        if trig.stages:
+            filters.append(c.c.stage.in_(trig.stages))
+        filters.extend(cond.sql(ctx) for cond in loaded.conditions)
+        once = trig.once
+        if once == Scope.PER_CYCLE:
+            scope = literal("cycle:") + cast(func.coalesce(m.c.id, 0), String)
+        elif once == Scope.EVER:
+            scope = literal("ever")
+        elif once == Scope.PER_EVENT:
+            scope = literal("slot:") + slot
+        else:
+            assert isinstance(once, EveryScope)
+            scope = literal("at:") + slot
+            o = Occurrence.__table__
+            filters.append(~exists().where(
+                o.c.trigger_id == trig.id, o.c.customer_id == c.c.id,
+                o.c.fired_at > now - once.every))
+        return select(
+            c.c.id.label("customer_id"), m.c.id.label("membership_id"),
+            event_id.label("event_id"), scope.label("scope_key"), c.c.stage.label("stage"),
+        ).select_from(joined).where(*filters)
+
+    def _insert_occurrences(self, conn: Connection, loaded: LoadedTriggerLike,
+                            candidates: Select[Any] | None, ctx: SqlContext, tick_id: int,
+                            now: datetime, version_id: int | None) -> int:
+        if candidates is None:
+            return 0
+        cand = candidates.subquery("cand")
+        trig = loaded.trigger
+        stmt = insert_ignore(conn, Occurrence.__table__).from_select(
+            ["trigger_id", "customer_id", "scope_key", "membership_id", "event_id",
+             "rule_file_version_id", "tick_id", "fired_at", "stage", "arm", "status"],
+            select(literal(trig.id), cand.c.customer_id, cand.c.scope_key, cand.c.membership_id,
+                   cand.c.event_id, literal(version_id, BigInteger), literal(tick_id), literal(now),
+                   cand.c.stage, literal("treatment"), literal(str(OccurrenceStatus.MESSAGE)))
+            # SQLite needs a WHERE to read ON CONFLICT after INSERT ... SELECT unambiguously.
+            .where(true()),
+        )
+        return int(conn.execute(stmt).rowcount)
+
+    # after the occurrences: arm, variant, channel, outbox --------------------------------------
+
+    def _assign(self, conn: Connection, trig: Trigger, tick_id: int) -> None:
+        o = Occurrence.__table__
+        c = Customer.__table__
+        mine = and_(o.c.tick_id == tick_id, o.c.trigger_id == trig.id)
+        values: dict[str, Any] = {}
+        if trig.holdout > 0:
+            bucket = bucket_sql(o.c.customer_id, o.c.membership_id, salt(trig.id, "holdout"))
+            values["arm"] = case((bucket < round(trig.holdout * BUCKETS), literal("holdout")),
+                                 else_=literal("treatment"))
+        if trig.variants:
+            cutoffs = variant_cutoffs({k: v.weight for k, v in trig.variants.items()})
+            bucket = bucket_sql(o.c.customer_id, o.c.membership_id, salt(trig.id, "variant"))
+            values["variant"] = pick_variant_sql(bucket, cutoffs)
+        if values:
+            conn.execute(update(o).where(mine).values(**values))
+        # Channel: the first of the (variant's) channel and the fallbacks the customer can receive.
+        by_variant: list[tuple[ColumnElement[Any], ColumnElement[Any]]] = []
+        for name, variant in trig.variants.items():
+            if variant.channel:
+                by_variant.append((o.c.variant == name,
+                                   self._channel_case(c, [variant.channel, *trig.action.fallback])))
+        default = self._channel_case(c, [trig.action.channel, *trig.action.fallback])
+        channel = case(*by_variant, else_=default) if by_variant else default
+        conn.execute(
+            update(o).where(mine, o.c.customer_id == c.c.id).values(channel=channel))
+        conn.execute(
+            update(o).where(mine, o.c.arm == "holdout")
+            .values(status=str(OccurrenceStatus.HELD_OUT), reason="holdout"))
+        conn.execute(
+            update(o).where(mine, o.c.arm != "holdout", o.c.channel.is_(None))
+            .values(status=str(OccurrenceStatus.SKIPPED), reason="no_contact_point"))
+
+    def _channel_case(self, c: FromClause, channels: list[str]) -> ColumnElement[Any]:
+        whens = []
+        for name in dict.fromkeys(channels):
+            column = c.c[self.contact[name]]
+            whens.append((and_(column.is_not(None), column != ""), literal(name)))
+        return case(*whens, else_=null())
+
+    def _to_outbox(self, conn: Connection, trig: Trigger, tick_id: int,
+                   now: datetime) -> tuple[int, int, int]:
+        o = Occurrence.__table__
+        c = Customer.__table__
+        mine = and_(o.c.tick_id == tick_id, o.c.trigger_id == trig.id)
+        counts = dict(conn.execute(
+            select(o.c.status, func.count()).where(mine).group_by(o.c.status)).all())
+        template: ColumnElement[Any] = literal(trig.action.template)
+        overrides = [(o.c.variant == n, literal(v.template)) for n, v in trig.variants.items()
+                     if v.template]
+        if overrides:
+            template = case(*overrides, else_=template)
+        recipient = case(*((o.c.channel == name, c.c[col]) for name, col in self.contact.items()),
+                         else_=null())
+        conn.execute(insert(Message).from_select(
+            ["occurrence_id", "customer_id", "trigger_id", "channel", "template", "recipient",
+             "status", "due_at", "created_at", "attempts"],
+            select(o.c.id, o.c.customer_id, o.c.trigger_id, o.c.channel, template, recipient,
+                   literal(str(MessageStatus.QUEUED)), literal(now), literal(now), literal(0))
+            .select_from(o.join(c, c.c.id == o.c.customer_id))
+            .where(mine, o.c.status == str(OccurrenceStatus.MESSAGE)),
+        ))
+        return (int(counts.get(str(OccurrenceStatus.HELD_OUT), 0)),
+                int(counts.get(str(OccurrenceStatus.SKIPPED), 0)),
+                int(counts.get(str(OccurrenceStatus.MESSAGE), 0)))
+
+    # bookkeeping -------------------------------------------------------------------------------
+
+    def _rule_file_versions(self, conn: Connection, now: datetime) -> dict[str, int]:
+        """Record each rule file's content once per version; path -> version id."""
+        out: dict[str, int] = {}
+        for path, (sha, text) in self.files.items():
+            found = conn.execute(select(RuleFileVersion.id).where(
+                RuleFileVersion.path == path, RuleFileVersion.sha256 == sha)).scalar()
+            if found is None:
+                conn.execute(insert_ignore(conn, RuleFileVersion.__table__).values(
+                    path=path, sha256=sha, content=text, loaded_at=now))
+                found = conn.execute(select(RuleFileVersion.id).where(
+                    RuleFileVersion.path == path, RuleFileVersion.sha256 == sha)).scalar_one()
+            out[path] = int(found)
+        return out
+
+    def _save_state(self, conn: Connection, trigger_id: str, exists_: bool,
+                    version_id: int | None, path: str, event_max: int, stage_max: int,
+                    now: datetime, fired: int) -> None:
+        values = dict(rule_file_version_id=version_id, path=path, enabled=True, errors={},
+                      event_watermark=event_max, stage_watermark=stage_max, last_tick_at=now)
+        if exists_:
+            conn.execute(update(TriggerState).where(TriggerState.trigger_id == trigger_id)
+                         .values(fired_total=TriggerState.fired_total + fired, **values))
+        else:
+            conn.execute(insert(TriggerState).values(trigger_id=trigger_id, fired_total=fired,
+                                                     **values))
+
+
+def _latest_slot(expr: str, day: LocalDay) -> str | None:
+    """The most recent local firing of a cron expression within the last day, as an ISO string."""
+    cron = CronTrigger.from_crontab(expr, timezone=ZoneInfo(day.tz))
+    tz = ZoneInfo(day.tz)
+    now = day.local_now.replace(tzinfo=tz)
+    fire = cron.get_next_fire_time(None, now - timedelta(days=1))
+    latest = None
+    while fire is not None and fire <= now:
+        latest = fire
+        fire = cron.get_next_fire_time(fire, fire + timedelta(seconds=1))
+    return latest.replace(tzinfo=None).isoformat(timespec="minutes") if latest else None

@@ -1,0 +1,89 @@
+"""Shared fixtures: an injected clock, a migrated database per test (SQLite, and PostgreSQL when
+TOUCHPOINTS_TEST_POSTGRES_URL names a server), the repository's config, triggers from dicts."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ruamel.yaml import YAML
+from sqlalchemy import Engine, text
+
+from engine.clock import FixedClock
+from engine.conditions import Condition, compile_condition
+from engine.config import ChannelsFile, ClubFile, LifecycleFile, ProjectConfig
+from engine.db import make_engine, migrate
+from engine.models import Base
+from engine.rulefile import Trigger
+
+ROOT = Path(__file__).resolve().parents[1]
+PG_URL = os.environ.get("TOUCHPOINTS_TEST_POSTGRES_URL")
+
+os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
+
+
+def _backends() -> list[Any]:
+    skip = pytest.mark.skip(reason="TOUCHPOINTS_TEST_POSTGRES_URL is not set: no PostgreSQL server "
+                                   "to test against")
+    return ["sqlite", pytest.param("postgresql", marks=[pytest.mark.postgres]
+                                   + ([] if PG_URL else [skip]))]
+
+
+@pytest.fixture(params=_backends())
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    """A freshly migrated database on each backend."""
+    if request.param == "sqlite":
+        engine = make_engine(f"sqlite:///{tmp_path / 'test.db'}")
+    else:
+        assert PG_URL
+        engine = make_engine(PG_URL)
+        with engine.begin() as conn:
+            conn.execute(text("DROP SCHEMA public CASCADE"))
+            conn.execute(text("CREATE SCHEMA public"))
+    migrate(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def clock() -> FixedClock:
+    return FixedClock(datetime(2026, 3, 2, 9, 0))
+
+
+def _yaml(path: Path) -> Any:
+    return YAML(typ="safe", pure=True).load(path.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="session")
+def project_config() -> ProjectConfig:
+    """The repository's own config/ directory, validated by the models."""
+    cfg = ROOT / "config"
+    return ProjectConfig(
+        club=ClubFile.model_validate(_yaml(cfg / "club.yaml")),
+        lifecycle=LifecycleFile.model_validate(_yaml(cfg / "lifecycle.yaml")),
+        channels=ChannelsFile.model_validate(_yaml(cfg / "channels.yaml")),
+    )
+
+
+@dataclass
+class Loaded:
+    """A trigger as the loader hands it to the evaluator."""
+
+    trigger: Trigger
+    conditions: list[Condition]
+    path: str = "rules/test.yaml"
+    sha256: str = "0" * 64
+
+
+def make_trigger(**fields: Any) -> Loaded:
+    data = {"action": {"channel": "email", "template": "test/hello"}, **fields}
+    trig = Trigger.model_validate(data)
+    return Loaded(trig, [compile_condition(c) for c in trig.conditions])
+
+
+__all__ = ["Base", "Loaded", "make_trigger"]

@@ -1,0 +1,174 @@
+"""The tick over a small base: stages, each kind of `when`, re-entry scopes, holdout, outbox."""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timedelta
+
+from sqlalchemy import Engine, func, select
+
+from engine.clock import FixedClock
+from engine.config import ProjectConfig
+from engine.evaluation import Evaluator, TickKind
+from engine.ingest import CustomerIn, EventIn, Ingestor, MembershipIn
+from engine.models import Customer, Message, Occurrence, StageChange
+from tests.conftest import make_trigger
+
+
+def seed(db: Engine, clock: FixedClock) -> Ingestor:
+    ing = Ingestor(db, clock)
+    ing.customers([
+        CustomerIn(external_id="ann", first_name="Ann", email="ann@example.com",
+                   timezone="America/Los_Angeles"),
+        CustomerIn(external_id="bob", first_name="Bob", phone="+4915112345678"),
+        CustomerIn(external_id="cat", first_name="Cat", email="cat@example.com"),
+    ])
+    today = clock.now().date()
+    ing.memberships([
+        MembershipIn(external_id="m-ann", customer_external_id="ann", plan="annual", price=480,
+                     starts_on=today - timedelta(days=10), ends_on=today + timedelta(days=355)),
+        MembershipIn(external_id="m-bob", customer_external_id="bob", plan="monthly", price=40,
+                     starts_on=today - timedelta(days=300), ends_on=today + timedelta(days=14)),
+        MembershipIn(external_id="m-cat", customer_external_id="cat", plan="corporate", price=0,
+                     starts_on=today - timedelta(days=400), ends_on=today - timedelta(days=35)),
+    ])
+    return ing
+
+
+def stages(db: Engine) -> dict[str, str | None]:
+    with db.connect() as conn:
+        return dict(conn.execute(select(Customer.external_id, Customer.stage)).all())
+
+
+def test_stages_are_computed_and_recorded(db: Engine, clock: FixedClock,
+                                          project_config: ProjectConfig) -> None:
+    seed(db, clock)
+    ev = Evaluator(db, project_config, [], clock)
+    result = ev.tick()
+    assert stages(db) == {"ann": "onboarding", "bob": "renewal_due", "cat": "lapsed"}
+    assert result.stage_changes == 3
+    assert ev.tick().stage_changes == 0
+    with db.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(StageChange)).scalar() == 3
+
+
+def test_stage_entered_trigger_fires_once_per_cycle(db: Engine, clock: FixedClock,
+                                                    project_config: ProjectConfig) -> None:
+    seed(db, clock)
+    trig = make_trigger(id="renewal-entry", when={"stage_entered": "renewal_due"})
+    ev = Evaluator(db, project_config, [trig], clock)
+    first = ev.tick()
+    assert first.occurrences == {"renewal-entry": 1}
+    assert first.messages == 0 and first.skipped == 1  # bob has no email and no fallback
+    assert ev.tick().occurrences == {"renewal-entry": 0}
+
+
+def test_fallback_channel_and_outbox(db: Engine, clock: FixedClock,
+                                     project_config: ProjectConfig) -> None:
+    seed(db, clock)
+    trig = make_trigger(id="renewal-entry", when={"stage_entered": "renewal_due"},
+                        action={"channel": "email", "template": "t/x", "fallback": ["sms"]})
+    Evaluator(db, project_config, [trig], clock).tick()
+    with db.connect() as conn:
+        rows = conn.execute(select(Message.channel, Message.recipient, Message.status)).all()
+    assert rows == [("sms", "+4915112345678", "queued")]
+
+
+def test_relative_trigger_fires_at_local_time(db: Engine, clock: FixedClock,
+                                              project_config: ProjectConfig) -> None:
+    seed(db, clock)
+    # Bob (club time zone, Europe/Berlin) ends in 14 days; 09:00 UTC is 10:00 in Berlin in March.
+    trig = make_trigger(id="reminder-14d", when={"before": "membership.ends_at", "days": 14,
+                                                 "at": "10:30"},
+                        action={"channel": "sms", "template": "t/x"})
+    ev = Evaluator(db, project_config, [trig], clock)
+    assert ev.tick().occurrences == {"reminder-14d": 0}  # 10:00 local, not yet 10:30
+    clock.advance(timedelta(minutes=30))
+    assert ev.tick().occurrences == {"reminder-14d": 1}
+    clock.advance(timedelta(hours=3))
+    assert ev.tick().occurrences == {"reminder-14d": 0}
+
+
+def test_event_trigger_with_conditions(db: Engine, clock: FixedClock,
+                                       project_config: ProjectConfig) -> None:
+    ing = seed(db, clock)
+    trig = make_trigger(id="first-visit", when={"event": "visit"},
+                        conditions=["visits_total == 1", 'plan != "corporate"'])
+    ev = Evaluator(db, project_config, [trig], clock)
+    ev.tick()
+    now = clock.now()
+    ing.events([EventIn(customer_external_id="ann", kind="visit", occurred_at=now),
+                EventIn(customer_external_id="cat", kind="visit", occurred_at=now)])
+    assert ev.tick(kind=TickKind.INCREMENTAL).occurrences == {"first-visit": 1}
+    ing.events([EventIn(customer_external_id="ann", kind="visit", occurred_at=now)])
+    assert ev.tick().occurrences == {"first-visit": 0}
+
+
+def test_holdout_is_recorded_not_sent(db: Engine, clock: FixedClock,
+                                      project_config: ProjectConfig) -> None:
+    ing = Ingestor(db, clock)
+    today = clock.now().date()
+    ing.customers([CustomerIn(external_id=f"c{i}", email=f"c{i}@example.com") for i in range(400)])
+    ing.memberships([MembershipIn(external_id=f"m{i}", customer_external_id=f"c{i}",
+                                  starts_on=today, ends_on=today + timedelta(days=365))
+                     for i in range(400)])
+    trig = make_trigger(id="welcome", when={"stage_entered": "onboarding"}, holdout="25%")
+    result = Evaluator(db, project_config, [trig], clock).tick()
+    assert result.occurrences == {"welcome": 400}
+    assert 60 < result.held_out < 140
+    assert result.messages == 400 - result.held_out
+    with db.connect() as conn:
+        queued = conn.execute(select(func.count()).select_from(Message)).scalar()
+        held = conn.execute(select(func.count()).where(Occurrence.arm == "holdout")).scalar()
+    assert queued == result.messages and held == result.held_out
+
+
+def test_dry_run_writes_nothing(db: Engine, clock: FixedClock,
+                                project_config: ProjectConfig) -> None:
+    seed(db, clock)
+    trig = make_trigger(id="renewal-entry", when={"stage_entered": "renewal_due"},
+                        action={"channel": "sms", "template": "t/x"})
+    ev = Evaluator(db, project_config, [trig], clock)
+    assert ev.tick(dry_run=True).occurrences == {"renewal-entry": 1}
+    with db.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(Occurrence)).scalar() == 0
+        assert conn.execute(select(func.count()).select_from(StageChange)).scalar() == 0
+    assert ev.tick().occurrences == {"renewal-entry": 1}
+
+
+def test_new_cycle_reenters_stages(db: Engine, clock: FixedClock,
+                                   project_config: ProjectConfig) -> None:
+    ing = seed(db, clock)
+    trig = make_trigger(id="welcome", when={"stage_entered": "onboarding"})
+    ev = Evaluator(db, project_config, [trig], clock)
+    assert ev.tick().occurrences == {"welcome": 1}  # ann
+    today = clock.now().date()
+    ing.memberships([MembershipIn(external_id="m-cat-2", customer_external_id="cat",
+                                  starts_on=today, ends_on=date(today.year + 1, 1, 1))])
+    assert ev.tick(kind=TickKind.INCREMENTAL).occurrences == {"welcome": 1}  # cat's new cycle
+    assert stages(db)["cat"] == "onboarding"
+
+
+def test_schedule_trigger(db: Engine, clock: FixedClock, project_config: ProjectConfig) -> None:
+    seed(db, clock)
+    trig = make_trigger(id="weekly", when={"schedule": "0 8 * * *"}, once="per_event",
+                        stage="onboarding")
+    ev = Evaluator(db, project_config, [trig], clock)
+    # 09:00 UTC: 10:00 Berlin (slot 08:00 passed), 01:00 Los Angeles (yesterday's slot in range).
+    assert ev.tick().occurrences == {"weekly": 1}
+    assert ev.tick().occurrences == {"weekly": 0}
+    clock.set(datetime(2026, 3, 2, 16, 30))  # 08:30 in Los Angeles: a new slot
+    assert ev.tick().occurrences == {"weekly": 1}
+
+
+def test_preview_counts_without_writing(db: Engine, clock: FixedClock,
+                                        project_config: ProjectConfig) -> None:
+    seed(db, clock)
+    trig = make_trigger(id="renewal-entry", when={"stage_entered": "renewal_due"},
+                        action={"channel": "sms", "template": "t/x"}, conditions=["price < 100"])
+    ev = Evaluator(db, project_config, [trig], clock)
+    preview = ev.preview("renewal-entry")
+    assert preview["would_fire"] == 1
+    assert preview["matching_conditions"] == 2  # bob and cat: no stage filter, both < 100
+    assert [s["external_id"] for s in preview["sample"]] == ["bob"]
+    with db.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(StageChange)).scalar() == 0
