@@ -182,6 +182,7 @@ class _Compiler:
     def literal_type(self, node: ast.expr) -> MetricType | None:
         if isinstance(node, ast.List | ast.Tuple) and node.elts:
             node = node.elts[0]
+        node = _bool_name(node)
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
             node = node.operand
         if isinstance(node, ast.Constant):
@@ -194,6 +195,7 @@ class _Compiler:
         return None
 
     def literal(self, node: ast.expr, metric: Metric) -> _Literal:
+        node = _bool_name(node)
         sign = 1
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
             sign, node = -1, node.operand
@@ -232,6 +234,13 @@ class _Compiler:
             raise self.error(node, "expected a metric name or attributes.<name>")
         self.metrics.setdefault(metric.name, metric)
         return metric
+
+
+def _bool_name(node: ast.expr) -> ast.expr:
+    """`true` / `false` as YAML writes them read as the booleans."""
+    if isinstance(node, ast.Name) and node.id in ("true", "false"):
+        return ast.copy_location(ast.Constant(node.id == "true"), node)
+    return node
 
 
 def _eq(a: Any, b: Any) -> Any:

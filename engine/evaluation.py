@@ -480,6 +480,15 @@ class Evaluator:
                 int(counts.get(str(OccurrenceStatus.SKIPPED), 0)),
                 int(counts.get(str(OccurrenceStatus.MESSAGE), 0)))
 
+    def record_broken(self, broken: dict[str, list[str]]) -> None:
+        """Mark triggers that failed to load as disabled, with their errors, for the API."""
+        with self.engine.begin() as conn:
+            for trigger_id, errors in broken.items():
+                values = {"enabled": False, "errors": {"errors": errors}}
+                if conn.execute(update(TriggerState).where(TriggerState.trigger_id == trigger_id)
+                                .values(**values)).rowcount == 0:
+                    conn.execute(insert(TriggerState).values(trigger_id=trigger_id, **values))
+
     # bookkeeping -------------------------------------------------------------------------------
 
     def _rule_file_versions(self, conn: Connection, now: datetime) -> dict[str, int]:

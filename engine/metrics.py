@@ -8,6 +8,7 @@ None/NULL, and dates are compared in the customer's own local calendar.
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,9 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
+    Float,
+    String,
     ColumnElement,
     Integer,
     and_,
@@ -261,16 +265,48 @@ def resolve(name: str) -> Metric:
     raise UnknownName(name)
 
 
+class json_attr(FunctionElement[Any]):  # noqa: N801
+    """`attributes.<key>` when the stored JSON value has the wanted type, else NULL."""
+
+    inherit_cache = True
+
+    def __init__(self, column: ColumnElement[Any], key: str, mtype: MetricType) -> None:
+        self.key, self.mtype = key, mtype
+        super().__init__(column)
+        self.type = {MetricType.NUMBER: Float(), MetricType.BOOL: Boolean()}.get(mtype, String())
+
+
+_SQLITE_JSON_TYPES = {MetricType.TEXT: "('text')", MetricType.NUMBER: "('integer', 'real')",
+                      MetricType.BOOL: "('true', 'false')"}
+_PG_JSON_TYPES = {MetricType.TEXT: "string", MetricType.NUMBER: "number",
+                  MetricType.BOOL: "boolean"}
+
+
+@compiles(json_attr, "sqlite")
+def _json_attr_sqlite(element: json_attr, compiler: Any, **kw: Any) -> str:
+    (column,) = list(element.clauses)
+    col = compiler.process(column, **kw)
+    path = compiler.process(literal("$." + json.dumps(element.key)), **kw)
+    return (f"CASE WHEN json_type({col}, {path}) IN {_SQLITE_JSON_TYPES[element.mtype]} "
+            f"THEN json_extract({col}, {path}) END")
+
+
+@compiles(json_attr)
+def _json_attr_pg(element: json_attr, compiler: Any, **kw: Any) -> str:
+    (column,) = list(element.clauses)
+    col = f"CAST({compiler.process(column, **kw)} AS JSONB)"
+    key = compiler.process(literal(element.key), **kw)
+    cast_to = {MetricType.NUMBER: "DOUBLE PRECISION", MetricType.BOOL: "BOOLEAN"}.get(
+        element.mtype, "TEXT")
+    return (f"CASE WHEN jsonb_typeof({col} -> {key}) = '{_PG_JSON_TYPES[element.mtype]}' "
+            f"THEN CAST({col} ->> {key} AS {cast_to}) END")
+
+
 def attribute_metric(key: str, mtype: MetricType) -> Metric:
-    """`attributes.<key>`: a free customer attribute, read as the type it is compared with."""
+    """`attributes.<key>`: a free customer attribute; a value of another type counts as missing."""
 
     def sql(ctx: SqlContext) -> ColumnElement[Any]:
-        element = ctx.customer.c.attributes[key]
-        if mtype is MetricType.NUMBER:
-            return element.as_float()
-        if mtype is MetricType.BOOL:
-            return element.as_boolean()
-        return element.as_string()
+        return json_attr(ctx.customer.c.attributes, key, mtype)
 
     def py(f: Facts) -> Any:
         value = (f.customer.get("attributes") or {}).get(key)
