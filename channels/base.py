@@ -86,7 +86,7 @@ class Channel(ABC):
     def send(self, message: OutgoingMessage) -> SendResult:
         """Send one message."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, most adapters hold nothing
         """Release connections; the default has none."""
 
 

@@ -1,7 +1,8 @@
 """Deterministic holdout and variant assignment per customer, trigger and cycle.
 
 The hash is plain integer arithmetic modulo 2^31-1 (a mix of the ids and a salt from the trigger
-id, squared twice so consecutive ids do not fall on a lattice, then one MINSTD step) so that SQLite, PostgreSQL and Python compute the same bucket, set-wise in SQL and
+id, squared twice so consecutive ids do not fall on a lattice, then one MINSTD step) so that
+SQLite, PostgreSQL and Python compute the same bucket, set-wise in SQL and
 one at a time in `explain` and the tests.
 """
 
@@ -42,7 +43,8 @@ def bucket_sql(customer_id: ColumnElement[Any], membership_id: ColumnElement[Any
     return h % BUCKETS
 
 
-def pick_variant_sql(bucket: ColumnElement[Any], cutoffs: list[tuple[str, int]]) -> ColumnElement[Any]:
+def pick_variant_sql(bucket: ColumnElement[Any],
+                     cutoffs: list[tuple[str, int]]) -> ColumnElement[Any]:
     """CASE over cumulative bucket cutoffs: [(variant, upper bound exclusive), ...]."""
     whens = [(bucket < bound, literal(name)) for name, bound in cutoffs[:-1]]
     if not whens:

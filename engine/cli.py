@@ -136,17 +136,26 @@ def preview(trigger: str, sample: int = 10, now: NowOpt = None) -> None:
 @app.command()
 def tick(dry_run: Annotated[bool, typer.Option("--dry-run")] = False,
          incremental: Annotated[bool, typer.Option("--incremental")] = False,
-         now: NowOpt = None) -> None:
+         now: NowOpt = None,
+         wait: Annotated[float, typer.Option(
+             help="seconds to wait while another process is ticking")] = 60.0) -> None:
     """Run one tick: stages, every enabled trigger, occurrences and outbox."""
+    import time
+
     from engine.evaluation import TickBusy, TickKind
 
     runtime = _runtime(_settings(), _clock(now))
-    try:
-        result = runtime.evaluator.tick(
-            kind=TickKind.INCREMENTAL if incremental else TickKind.FULL, dry_run=dry_run)
-    except TickBusy as exc:
-        err.print(str(exc))
-        raise typer.Exit(3) from None
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            result = runtime.evaluator.tick(
+                kind=TickKind.INCREMENTAL if incremental else TickKind.FULL, dry_run=dry_run)
+            break
+        except TickBusy as exc:
+            if time.monotonic() >= deadline:
+                err.print(str(exc))
+                raise typer.Exit(3) from None
+            time.sleep(0.2)
     _json(result.as_dict())
 
 

@@ -22,7 +22,7 @@ from sqlalchemy import Engine, and_, insert, or_, select, update
 from channels.base import Channel, OutgoingMessage, SendResult, SendStatus, load_adapter
 from engine.clock import Clock
 from engine.config import ChannelsFile
-from engine.models import Customer, Membership, Message, MessageStatus, Outcome
+from engine.models import Customer, Membership, Message, MessageStatus, Outcome, table
 from engine.templates import RenderError, TemplateStore
 
 __all__ = ["DispatchReport", "Dispatcher", "build_channels"]
@@ -106,7 +106,7 @@ class Dispatcher:
 
     def claim(self, limit: int) -> list[dict[str, Any]]:
         now = self.clock.now()
-        t = Message.__table__
+        t = table(Message)
         due = or_(
             and_(t.c.status == MessageStatus.QUEUED, t.c.due_at <= now),
             and_(t.c.status == MessageStatus.CLAIMED, t.c.claim_expires_at < now),
@@ -127,7 +127,7 @@ class Dispatcher:
     def reconcile(self) -> int:
         """Messages left in `sending` past their claim (a crashed worker) become `unknown`."""
         now = self.clock.now()
-        t = Message.__table__
+        t = table(Message)
         with self.engine.begin() as conn:
             stale = conn.execute(
                 update(t).where(t.c.status == MessageStatus.SENDING, t.c.claim_expires_at < now)
@@ -142,8 +142,8 @@ class Dispatcher:
 
     def _contexts(self, rows: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
         ids = sorted({r["customer_id"] for r in rows})
-        c = Customer.__table__
-        m = Membership.__table__
+        c = table(Customer)
+        m = table(Membership)
         out: dict[int, dict[str, Any]] = {}
         with self.engine.connect() as conn:
             for start in range(0, len(ids), 500):
@@ -154,7 +154,7 @@ class Dispatcher:
                     .select_from(c.outerjoin(m, m.c.id == c.c.current_membership_id))
                     .where(c.c.id.in_(chunk))).mappings()
                 for row in result:
-                    customer = {k: row[k] for k in c.c.keys()}
+                    customer = {k: row[k] for k in c.c.keys()}  # noqa: SIM118
                     membership = None if row["m_external_id"] is None else {
                         "external_id": row["m_external_id"], "plan": row["plan"],
                         "price": row["price"], "starts_on": row["starts_on"],
@@ -192,7 +192,7 @@ class Dispatcher:
         return result.status
 
     def _mark_sending(self, mid: int) -> bool:
-        t = Message.__table__
+        t = table(Message)
         with self.engine.begin() as conn:
             return bool(conn.execute(
                 update(t).where(t.c.id == mid, t.c.status == MessageStatus.CLAIMED,
@@ -201,7 +201,7 @@ class Dispatcher:
 
     def _finish(self, mid: int, result: SendResult, row: dict[str, Any]) -> None:
         now = self.clock.now()
-        t = Message.__table__
+        t = table(Message)
         values: dict[str, Any] = {"last_error": result.error}
         if result.status is SendStatus.SENT:
             values.update(status=MessageStatus.SENT, sent_at=now,

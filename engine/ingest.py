@@ -22,7 +22,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from engine.clock import Clock, utc_naive
 from engine.config import valid_timezone
 from engine.db import bump_counter
-from engine.models import Customer, Event, Membership
+from engine.models import Customer, Event, Membership, table
 
 __all__ = ["CustomerIn", "EventIn", "IngestResult", "Ingestor", "MembershipIn", "RowError"]
 
@@ -111,15 +111,15 @@ class IngestResult:
     errors: list[RowError] = field(default_factory=list)
 
 
-def _upsert(conn: Connection, table: Any, key: str, rows: list[dict[str, Any]],
+def _upsert(conn: Connection, target: Any, key: str, rows: Sequence[dict[str, Any]],
             update_cols: Sequence[str] | None) -> None:
-    ins = pg_insert(table) if conn.dialect.name == "postgresql" else sqlite_insert(table)
+    ins = pg_insert(target) if conn.dialect.name == "postgresql" else sqlite_insert(target)
     if update_cols is None:
         stmt = ins.on_conflict_do_nothing(index_elements=[key])
     else:
         stmt = ins.on_conflict_do_update(
             index_elements=[key], set_={c: ins.excluded[c] for c in update_cols})
-    conn.execute(stmt, rows)
+    conn.execute(stmt, list(rows))
 
 
 class Ingestor:
@@ -137,7 +137,7 @@ class Ingestor:
                         "visit_count": 0, "lifetime_value": 0.0} for r in rows]
             cols = [c for c in CustomerIn.model_fields if c != "external_id"]
             for chunk in _chunks(payload):
-                _upsert(conn, Customer.__table__, "external_id", chunk,
+                _upsert(conn, table(Customer), "external_id", chunk,
                         [*cols, "updated_at", "change_seq"])
         return IngestResult(written=len(rows))
 
@@ -150,14 +150,15 @@ class Ingestor:
             for i, r in enumerate(rows):
                 cid = ids.get(r.customer_external_id)
                 if cid is None:
-                    result.errors.append(RowError(i, f"unknown customer {r.customer_external_id!r}"))
+                    result.errors.append(
+                        RowError(i, f"unknown customer {r.customer_external_id!r}"))
                     continue
                 data = r.model_dump(exclude={"customer_external_id"})
                 payload.append({**data, "customer_id": cid, "created_at": now, "updated_at": now})
             if result.errors:
                 return result
             for chunk in _chunks(payload):
-                _upsert(conn, Membership.__table__, "external_id", chunk,
+                _upsert(conn, table(Membership), "external_id", chunk,
                         ["customer_id", "plan", "price", "starts_on", "ends_on", "status",
                          "updated_at"])
             self._refresh(conn, {p["customer_id"] for p in payload}, now)
@@ -169,11 +170,12 @@ class Ingestor:
         result = IngestResult()
         with self.engine.begin() as conn:
             ids = _customer_ids(conn, (r.customer_external_id for r in rows))
-            payload = []
+            payload: list[dict[str, Any]] = []
             for i, r in enumerate(rows):
                 cid = ids.get(r.customer_external_id)
                 if cid is None:
-                    result.errors.append(RowError(i, f"unknown customer {r.customer_external_id!r}"))
+                    result.errors.append(
+                        RowError(i, f"unknown customer {r.customer_external_id!r}"))
                     continue
                 payload.append({"external_id": r.external_id, "customer_id": cid, "kind": r.kind,
                                 "occurred_at": r.occurred_at, "received_at": now,
@@ -182,10 +184,10 @@ class Ingestor:
                 return result
             keyed = [p for p in payload if p["external_id"] is not None]
             for chunk in _chunks(keyed):
-                _upsert(conn, Event.__table__, "external_id", chunk, None)
+                _upsert(conn, table(Event), "external_id", chunk, None)
             plain = [p for p in payload if p["external_id"] is None]
             for chunk in _chunks(plain):
-                conn.execute(Event.__table__.insert(), chunk)
+                conn.execute(table(Event).insert(), chunk)
             self._refresh(conn, {p["customer_id"] for p in payload}, now)
         result.written = len(payload)
         return result
@@ -196,9 +198,9 @@ class Ingestor:
         if not ids:
             return
         seq = bump_counter(conn, "change")
-        c = Customer.__table__
-        m = Membership.__table__
-        e = Event.__table__
+        c = table(Customer)
+        m = table(Membership)
+        e = table(Event)
         current = (select(m.c.id).where(m.c.customer_id == c.c.id)
                    .order_by(m.c.starts_on.desc(), m.c.id.desc()).limit(1).scalar_subquery())
         last_visit = select(func.max(e.c.occurred_at)).where(

@@ -1,19 +1,56 @@
-"""Lifecycle stages: computed set-wise from `config/lifecycle.yaml`, changes recorded per tick."""
+"""Lifecycle stages: computed set-wise from `config/lifecycle.yaml`, changes recorded per tick.
+
+A customer's stage can change for two reasons only: their data changed (ingestion bumps
+`change_seq`), or time moved a day count in a stage condition across one of the constants it is
+compared with (`days_until_membership_end > 30` flips on the day the membership end comes within
+31 days). `may_have_changed` turns the second into index range scans on the anchor columns, so a
+full tick recomputes the stages of the customers near a boundary instead of the whole base.
+"""
 
 from __future__ import annotations
 
-from datetime import datetime
+import ast
+import hashlib
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
-from sqlalchemy import ColumnElement, Connection, Select, and_, case, func, insert, literal, or_
-from sqlalchemy import select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Select,
+    and_,
+    case,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    union_all,
+    update,
+)
 
 from engine.conditions import Condition, compile_condition
 from engine.config import LifecycleFile
-from engine.metrics import Facts, SqlContext
-from engine.models import Customer, StageChange
+from engine.metrics import Clocked, Facts, SqlContext, UnknownName, resolve
+from engine.models import Customer, Membership, StageChange
 
 __all__ = ["Lifecycle"]
+
+# Metrics the tick itself writes: a stage condition on them makes stages depend on the previous
+# stage, so only a full recomputation is safe.
+_SELF_REFERENCING = {"stage", "days_in_stage"}
+
+
+@dataclass(frozen=True)
+class _Watch:
+    """A day count the stage conditions compare with constants, and those constants."""
+
+    clocked: Clocked
+    thresholds: frozenset[float]
 
 
 class Lifecycle:
@@ -24,6 +61,8 @@ class Lifecycle:
         self.stages: list[tuple[str, list[Condition]]] = [
             (s.id, [compile_condition(c) for c in s.conditions]) for s in definition.stages
         ]
+        self.fingerprint = hashlib.sha256(definition.model_dump_json().encode()).hexdigest()[:16]
+        self.watches = _watches(definition)
 
     @property
     def ids(self) -> tuple[str, ...]:
@@ -52,11 +91,54 @@ class Lifecycle:
             for stage_id, conds in self.stages
         ]
 
+    def may_have_changed(self, then: datetime, now: datetime, zones: Iterable[str],
+                         previous_seq: int) -> Select[Any] | None:
+        """Ids of every customer whose stage may differ between instants `then` and `now`: never
+        staged, data changed after `previous_seq`, or a day count crossed a constant of a stage
+        condition. None when the conditions use something this cannot bound (windowed counts,
+        the stage itself): then every customer must be recomputed."""
+        if self.watches is None:
+            return None
+        c = Customer.__table__
+        m = Membership.__table__
+        early, late = min(then, now), max(then, now)
+        days_early = [_local_date(tz, early) for tz in zones]
+        days_late = [_local_date(tz, late) for tz in zones]
+        first_day, last_day = min(days_early), max(days_late)
+        parts: list[Select[Any]] = [
+            select(c.c.id).where(c.c.stage.is_(None)),
+            select(c.c.id).where(c.c.change_seq > previous_seq),
+        ]
+        for watch in self.watches:
+            ranges: list[tuple[Any, Any]] = []
+            sign = watch.clocked.sign
+            for k in watch.thresholds:
+                low, high = math.floor(k), math.ceil(k)
+                # The truth of `count <op> k` can only change while the count passes k-1..k+1;
+                # these bounds keep every anchor whose count did, and a little more.
+                if watch.clocked.local_date and sign > 0:  # count = local date - anchor
+                    ranges.append((first_day - timedelta(days=high + 1),
+                                   last_day - timedelta(days=low - 1)))
+                elif watch.clocked.local_date:  # count = anchor - local date
+                    ranges.append((first_day + timedelta(days=low - 1),
+                                   last_day + timedelta(days=high + 1)))
+                elif sign > 0:  # whole 24-hour periods since a timestamp
+                    ranges.append((early - timedelta(days=high + 2, seconds=1),
+                                   late - timedelta(days=low - 2) + timedelta(seconds=1)))
+                else:
+                    return None
+            table = c if watch.clocked.source == "customer" else m
+            key = c.c.id if table is c else m.c.customer_id
+            column = table.c[watch.clocked.column]
+            for low_end, high_end in _merged(ranges):
+                parts.append(select(key).where(column.between(low_end, high_end)))
+        return union_all(*parts).subquery("restaged").select()
+
     def record_changes(self, conn: Connection, base: Select[Any], ctx: SqlContext, tick_id: int,
                        now: datetime) -> int:
         """Insert a stage_history row for every customer in `base` whose stage or cycle changed,
         then move those customers to their new stage. `base` selects from customers `c` joined
-        with the current membership and the local-date table; it may carry extra filters."""
+        with the current membership; it may carry extra filters."""
         c = ctx.customer
         computed = (
             base.add_columns(
@@ -90,3 +172,77 @@ class Lifecycle:
                         stage_since=sh.c.entered_at)
             )
         return int(inserted)
+
+
+def _local_date(tz: str, moment: datetime) -> date:
+    return moment.replace(tzinfo=ZoneInfo("UTC")).astimezone(ZoneInfo(tz)).date()
+
+
+def _merged(ranges: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
+    out: list[tuple[Any, Any]] = []
+    for low, high in sorted(ranges):
+        if out and low <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], high))
+        else:
+            out.append((low, high))
+    return out
+
+
+def _watches(definition: LifecycleFile) -> list[_Watch] | None:
+    """The day counts compared with constants in the stage conditions, or None if some
+    time-dependent name is used in any other way."""
+    found: dict[Clocked, set[float]] = {}
+    for stage in definition.stages:
+        for text in stage.conditions:
+            tree = ast.parse(text.strip(), mode="eval")
+            covered: set[int] = set()
+            for node in ast.walk(tree):
+                if not isinstance(node, ast.Compare):
+                    continue
+                operands = [node.left, *node.comparators]
+                for i, operand in enumerate(operands):
+                    metric = _metric(operand)
+                    if metric is None or metric.timeless:
+                        continue
+                    neighbours = operands[max(i - 1, 0):i] + operands[i + 1:i + 2]
+                    values = [_numbers(n) for n in neighbours]
+                    if metric.clocked is None or any(v is None for v in values):
+                        continue
+                    found.setdefault(metric.clocked, set()).update(
+                        x for v in values for x in v or ())
+                    covered.add(id(operand))
+            for node in ast.walk(tree):
+                metric = _metric(node)
+                if metric is None:
+                    continue
+                if metric.name in _SELF_REFERENCING:
+                    return None
+                if not metric.timeless and id(node) not in covered:
+                    return None
+    return [_Watch(clocked, frozenset(values)) for clocked, values in found.items()]
+
+
+def _metric(node: ast.AST) -> Any:
+    if not isinstance(node, ast.Name):
+        return None  # attributes.<key> are customer data: timeless
+    try:
+        return resolve(node.id)
+    except UnknownName:
+        return None  # true / false
+
+
+def _numbers(node: ast.expr) -> list[float] | None:
+    """The numeric constants of `node` (a number or a list of numbers); [] for None."""
+    items = node.elts if isinstance(node, ast.List | ast.Tuple) else [node]
+    out: list[float] = []
+    for item in items:
+        sign = 1
+        if isinstance(item, ast.UnaryOp) and isinstance(item.op, ast.USub):
+            sign, item = -1, item.operand
+        if isinstance(item, ast.Constant) and item.value is None:
+            continue
+        if not (isinstance(item, ast.Constant) and isinstance(item.value, int | float)
+                and not isinstance(item.value, bool)):
+            return None
+        out.append(sign * float(item.value))
+    return out

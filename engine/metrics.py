@@ -19,10 +19,10 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     Boolean,
-    Float,
-    String,
     ColumnElement,
+    Float,
     Integer,
+    String,
     and_,
     case,
     false,
@@ -34,10 +34,12 @@ from sqlalchemy import (
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FromClause
 from sqlalchemy.sql.functions import FunctionElement
+from sqlalchemy.types import TypeEngine
 
 from engine.models import Event
 
 __all__ = [
+    "Clocked",
     "Facts",
     "Metric",
     "MetricType",
@@ -77,14 +79,30 @@ class Facts:
 
 
 @dataclass(frozen=True)
+class Clocked:
+    """How a day-count metric moves with the clock: `sign * (clock - column)` in whole days, on the
+    customer's local calendar (`local_date`, a date column) or in 24-hour periods (a timestamp)."""
+
+    source: str  # "customer" or "membership"
+    column: str
+    sign: int  # +1: days since the column's moment; -1: days until it
+    local_date: bool
+
+
+@dataclass(frozen=True)
 class Metric:
-    """A name usable in a condition."""
+    """A name usable in a condition.
+
+    `timeless` metrics change only when the customer's data changes; the others also change as
+    time passes, and `clocked` says how when it is a plain day count."""
 
     name: str
     type: MetricType
     sql: Callable[[SqlContext], ColumnElement[Any]]
     py: Callable[[Facts], Any]
     description: str = ""
+    timeless: bool = True
+    clocked: Clocked | None = None
 
 
 class UnknownName(LookupError):
@@ -117,7 +135,8 @@ def _days_between_sqlite(element: days_between, compiler: Any, **kw: Any) -> str
 @compiles(days_between)
 def _days_between_default(element: days_between, compiler: Any, **kw: Any) -> str:
     a, b = list(element.clauses)
-    return f"(CAST({compiler.process(b, **kw)} AS DATE) - CAST({compiler.process(a, **kw)} AS DATE))"
+    later, earlier = compiler.process(b, **kw), compiler.process(a, **kw)
+    return f"(CAST({later} AS DATE) - CAST({earlier} AS DATE))"
 
 
 class whole_days_since(FunctionElement[int]):  # noqa: N801
@@ -199,7 +218,8 @@ _STATIC: dict[str, Metric] = {
         _customer_column("locale", MetricType.TEXT, "the customer's locale"),
         _customer_column("timezone", MetricType.TEXT, "the customer's IANA time zone"),
         _customer_column("stage", MetricType.TEXT, "the current lifecycle stage"),
-        _customer_column("lifetime_value", MetricType.NUMBER, "sum of purchase and membership value"),
+        _customer_column("lifetime_value", MetricType.NUMBER,
+                         "sum of purchase and membership value"),
         Metric("visits_total", MetricType.NUMBER, lambda ctx: ctx.customer.c.visit_count,
                lambda f: f.customer.get("visit_count"), "visits ever"),
         _has("has_email", "email"),
@@ -216,19 +236,23 @@ _STATIC: dict[str, Metric] = {
                lambda ctx: days_between(ctx.membership.c.starts_on, ctx.local_today),
                lambda f: None if f.membership is None
                else (f.local_today - _as_date(f.membership["starts_on"])).days,  # type: ignore[operator]
-               "local days since the current membership started (0 on its first day)"),
+               "local days since the current membership started (0 on its first day)",
+               timeless=False, clocked=Clocked("membership", "starts_on", 1, True)),
         Metric("days_until_membership_end", MetricType.NUMBER,
                lambda ctx: days_between(ctx.local_today, ctx.membership.c.ends_on),
                lambda f: None if f.membership is None
                else (_as_date(f.membership["ends_on"]) - f.local_today).days,  # type: ignore[operator]
-               "local days until the current membership ends (0 on its last day)"),
+               "local days until the current membership ends (0 on its last day)",
+               timeless=False, clocked=Clocked("membership", "ends_on", -1, True)),
         Metric("days_since_last_visit", MetricType.NUMBER,
                lambda ctx: whole_days_since(ctx.customer.c.last_visit_at, literal(ctx.now)),
                lambda f: _py_whole_days(f.customer.get("last_visit_at"), f.now),
-               "whole days since the last visit; missing if the customer never visited"),
+               "whole days since the last visit; missing if the customer never visited",
+               timeless=False, clocked=Clocked("customer", "last_visit_at", 1, False)),
         Metric("days_in_stage", MetricType.NUMBER,
                lambda ctx: whole_days_since(ctx.customer.c.stage_since, literal(ctx.now)),
-               _days_in_stage_py, "whole days since the customer entered the current stage"),
+               _days_in_stage_py, "whole days since the customer entered the current stage",
+               timeless=False),
     ]
 }
 
@@ -252,7 +276,8 @@ def _windowed(name: str, kind: str, days: int) -> Metric:
         since = f.now - timedelta(days=days)
         return sum(1 for t in f.events.get(kind, ()) if since < t <= f.now)
 
-    return Metric(name, MetricType.NUMBER, sql, py, f"{kind} events in the last {days} days")
+    return Metric(name, MetricType.NUMBER, sql, py, f"{kind} events in the last {days} days",
+                  timeless=False)
 
 
 def resolve(name: str) -> Metric:
@@ -273,7 +298,9 @@ class json_attr(FunctionElement[Any]):  # noqa: N801
     def __init__(self, column: ColumnElement[Any], key: str, mtype: MetricType) -> None:
         self.key, self.mtype = key, mtype
         super().__init__(column)
-        self.type = {MetricType.NUMBER: Float(), MetricType.BOOL: Boolean()}.get(mtype, String())
+        types: dict[MetricType, TypeEngine[Any]] = {MetricType.NUMBER: Float(),
+                                                     MetricType.BOOL: Boolean()}
+        self.type = types.get(mtype, String())
 
 
 _SQLITE_JSON_TYPES = {MetricType.TEXT: "('text')", MetricType.NUMBER: "('integer', 'real')",

@@ -24,6 +24,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Table,
     Text,
     UniqueConstraint,
 )
@@ -31,6 +32,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
     "Base",
+    "table",
     "ConsentEntry",
     "Conversion",
     "Counter",
@@ -63,6 +65,13 @@ NAMING = {
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
     type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime(), date: Date()}
+
+
+def table(model: type[Base]) -> Table:
+    """The Core table of a mapped class, typed as a Table for insert/update statements."""
+    mapped = model.__table__
+    assert isinstance(mapped, Table)
+    return mapped
 
 
 class OccurrenceStatus(StrEnum):

@@ -102,7 +102,8 @@ class Scheduler:
     def _arm_boundary(self) -> None:
         """Schedule a full tick at the next instant a date-relative trigger's local time begins."""
         times = {(t.trigger.when.at.hour, t.trigger.when.at.minute)
-                 for t in self.runtime.evaluator.triggers if isinstance(t.trigger.when, RelativeWhen)}
+                 for t in self.runtime.evaluator.triggers
+                 if isinstance(t.trigger.when, RelativeWhen)}
         if not times:
             return
         with self.runtime.engine.connect() as conn:

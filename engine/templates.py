@@ -1,4 +1,5 @@
-"""Message templates: Jinja2 in a sandbox with strict undefined, checked against what a customer has.
+"""Message templates: Jinja2 in a sandbox with strict undefined, checked against what a
+customer has.
 
 A template named `renewal/reminder` is the file `templates/renewal/reminder.<channel>.j2` if it
 exists, else `templates/renewal/reminder.j2`. For email, a first line `Subject: ...` becomes the

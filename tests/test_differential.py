@@ -8,7 +8,7 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, delete, insert, select
+from sqlalchemy import Engine, delete, insert
 
 from engine.clock import FixedClock
 from engine.conditions import compile_condition
@@ -39,7 +39,8 @@ def comparison(draw: st.DrawFn) -> str:
                 f"{draw(st.integers(-5, 400))}")
     if kind == "text":
         name = draw(st.sampled_from(sorted(TEXTS)))
-        return f'{name} {draw(st.sampled_from(["==", "!="]))} "{draw(st.sampled_from(TEXTS[name]))}"'
+        op = draw(st.sampled_from(["==", "!="]))
+        return f'{name} {op} "{draw(st.sampled_from(TEXTS[name]))}"'
     if kind == "in":
         name = draw(st.sampled_from(sorted(TEXTS)))
         values = draw(st.lists(st.sampled_from(TEXTS[name]), min_size=1, max_size=3))
