@@ -69,6 +69,7 @@ def _parse_time_of_day(value: Any) -> time:
 
 
 def _parse_share(value: Any) -> float:
+    original = value
     if isinstance(value, str) and value.strip().endswith("%"):
         try:
             value = float(value.strip()[:-1]) / 100
@@ -77,7 +78,7 @@ def _parse_share(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"expected a share such as 10% or 0.1, got {value!r}")
     if not 0 <= value < 1:
-        raise ValueError(f"a holdout share must be at least 0% and below 100%, got {value!r}")
+        raise ValueError(f"a holdout share must be at least 0% and below 100%, got {original!r}")
     return float(value)
 
 
