@@ -359,6 +359,12 @@ def load_rules(rules_dir: Path, *, config: ProjectConfig, templates: TemplateSto
                 continue
             assert trig is not None
             ruleset.triggers.append(LoadedTrigger(trig, conditions, shown, line, sha))
+    # Which of two triggers with one id should run is anyone's guess: neither does.
+    duplicated = {d.trigger for d in ruleset.diagnostics if d.field == "id" and
+                  d.message.startswith("duplicate trigger id")}
+    for loaded in [t for t in ruleset.triggers if t.trigger.id in duplicated]:
+        ruleset.triggers.remove(loaded)
+        ruleset.broken.setdefault(loaded.trigger.id, [])
     ruleset.diagnostics.sort()
     return ruleset
 
