@@ -58,15 +58,19 @@ class Scheduler:
         self.scheduler: BaseScheduler = BlockingScheduler(timezone=UTC) if blocking \
             else BackgroundScheduler(timezone=UTC)
         defaults = {"coalesce": True, "max_instances": 1}
+
+        def grace(seconds: float) -> int:
+            return max(1, int(seconds))
+
         self.scheduler.add_job(self.full_tick, "interval", seconds=interval, id="full-tick",
-                               misfire_grace_time=int(interval), next_run_time=datetime.now(UTC),
-                               **defaults)
+                               misfire_grace_time=grace(interval),
+                               next_run_time=datetime.now(UTC), **defaults)
         self.scheduler.add_job(self.incremental_tick, "interval", seconds=incremental_seconds,
-                               id="incremental-tick", misfire_grace_time=int(incremental_seconds),
+                               id="incremental-tick", misfire_grace_time=grace(incremental_seconds),
                                **defaults)
         dispatch = runtime.settings.dispatch_interval_seconds
         self.scheduler.add_job(self.dispatch, "interval", seconds=dispatch, id="dispatch",
-                               misfire_grace_time=int(dispatch), **defaults)
+                               misfire_grace_time=grace(dispatch), **defaults)
         self.dispatcher = runtime.dispatcher()
         self._arm_boundary()
 

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import time
 from datetime import datetime
+from pathlib import Path
 
-from engine.scheduler import next_local_boundary
+from sqlalchemy import Engine, func, select
+
+from engine.clock import FixedClock
+from engine.models import Tick
+from engine.runtime import Runtime
+from engine.scheduler import Scheduler, next_local_boundary
+from engine.settings import Settings
+from tests.conftest import ROOT
+from tests.test_evaluation import seed
 
 
 def test_next_boundary_in_the_customers_zone() -> None:
@@ -29,3 +40,27 @@ def test_boundary_across_daylight_saving_changes() -> None:
 def test_boundary_is_strictly_in_the_future() -> None:
     now = datetime(2026, 3, 2, 9, 30)
     assert next_local_boundary(now, {"Europe/Berlin"}, {(10, 30)}) == datetime(2026, 3, 3, 9, 30)
+
+
+def test_scheduler_ticks_and_dispatches(db: Engine, tmp_path: Path) -> None:
+    """The real APScheduler jobs run a tick and a dispatch against the database."""
+    clock = FixedClock(datetime(2026, 3, 2, 9, 0))
+    seed(db, clock)
+    outbox = tmp_path / "out.jsonl"
+    settings = Settings(rules_dir=ROOT / "rules", templates_dir=ROOT / "templates",
+                        config_dir=ROOT / "config", tick_interval_seconds=0.2,
+                        dispatch_interval_seconds=0.2, console_outbox_path=outbox)
+    runtime = Runtime.load(settings, clock, engine=db)
+    scheduler = Scheduler(runtime, blocking=False, incremental_seconds=0.2)
+    assert scheduler.scheduler.get_job("boundary-tick") is not None
+    scheduler.start()
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not outbox.exists():
+            time.sleep(0.1)
+    finally:
+        scheduler.shutdown()
+    with db.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(Tick)).scalar()
+    sent = [json.loads(line) for line in outbox.read_text().splitlines()]
+    assert {m["trigger"] for m in sent} == {"welcome"}  # ann, who is onboarding
