@@ -60,6 +60,7 @@ class SendResult:
     provider_message_id: str | None = None
     error: str | None = None
     retry_after: float | None = None
+    error_class: str | None = None  # permanent | transient | opt_out | invalid_recipient
 
 
 class ChannelSettings(BaseModel):

@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from channels.base import Channel, adapter_names
+from channels.base import Channel, adapter_names, load_adapter
 from engine.clock import Clock, SystemClock
 from engine.config import ProjectConfig
 from engine.db import make_engine, migrate
@@ -76,11 +76,15 @@ class Runtime:
                    dict(channel_overrides or {}))
 
     def channels(self) -> dict[str, Channel]:
-        overrides = dict(self.channel_overrides)
-        if self.settings.console_outbox_path is not None:
-            for name, ch in self.config.channels.channels.items():
-                if ch.adapter == "console":
-                    overrides.setdefault(name, {"path": str(self.settings.console_outbox_path)})
+        overrides = {k: dict(v) for k, v in self.channel_overrides.items()}
+        errors_file = self.settings.config_dir / "provider_errors.yaml"
+        for name, ch in self.config.channels.channels.items():
+            mine = overrides.setdefault(name, {})
+            if ch.adapter == "console" and self.settings.console_outbox_path is not None:
+                mine.setdefault("path", str(self.settings.console_outbox_path))
+            # Providers' error codes are data of this project's config, not of the package.
+            if "errors_file" in load_adapter(ch.adapter).Settings.model_fields:
+                mine.setdefault("errors_file", str(errors_file))
         return build_channels(self.config.channels, overrides)
 
     def dispatcher(self, channels: dict[str, Channel] | None = None) -> Dispatcher:
