@@ -88,6 +88,11 @@ class Dispatcher:
                 report.unknown += 1
         return report
 
+    def close(self) -> None:
+        """Close every channel's connections."""
+        for channel in self.channels.values():
+            channel.close()
+
     def drain(self, batch_size: int = 500) -> DispatchReport:
         """Send until nothing due is left."""
         total = DispatchReport()
@@ -219,6 +224,8 @@ class Dispatcher:
         with self.engine.begin() as conn:
             conn.execute(update(t).where(t.c.id == mid).values(**values))
             if outcome is not MessageStatus.QUEUED:
+                detail = {k: v for k, v in (("error", result.error),
+                                            ("error_class", result.error_class)) if v}
                 conn.execute(insert(Outcome).values(
                     message_id=mid, status=outcome, occurred_at=now, source="dispatch",
-                    detail={"error": result.error} if result.error else {}))
+                    detail=detail))

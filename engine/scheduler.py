@@ -79,6 +79,7 @@ class Scheduler:
 
     def shutdown(self) -> None:
         self.scheduler.shutdown(wait=True)
+        self.dispatcher.close()
 
     def _tick(self, kind: TickKind) -> None:
         try:
