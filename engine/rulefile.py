@@ -117,7 +117,7 @@ class RelativeWhen(Strict):
 
     before: Anchor | None = None
     after: Anchor | None = None
-    days: int = Field(ge=0, le=3650)
+    days: int = Field(ge=0, le=3650, strict=True)
     at: TimeOfDay = time(10, 0)
 
     @model_validator(mode="after")
@@ -235,12 +235,12 @@ class Trigger(Strict):
     conditions: list[str] = Field(default_factory=list, max_length=50)
     action: Action
     once: Once = Scope.PER_CYCLE
-    priority: int = Field(default=50, ge=0, le=100)
+    priority: int = Field(default=50, ge=0, le=100, strict=True)
     holdout: Share = 0.0
     variants: dict[str, Variant] = Field(default_factory=dict, max_length=20)
     goal: Goal | None = None
     purpose: Literal["marketing", "transactional"] = "marketing"
-    enabled: bool = True
+    enabled: bool = Field(default=True, strict=True)  # "NO" or "off" is text, not false
 
     @property
     def stages(self) -> tuple[str, ...]:
