@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import socket
 import time as _time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from enum import StrEnum
@@ -42,9 +42,9 @@ from sqlalchemy import (
     insert,
     literal,
     null,
+    or_,
     select,
     true,
-    union_all,
     update,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -150,16 +150,6 @@ def local_dates(zones: Iterable[str], now: datetime) -> list[LocalDay]:
     return out
 
 
-def _table(rows: Sequence[tuple[Any, ...]], names: Sequence[str], types: Sequence[Any],
-           alias: str) -> FromClause:
-    """A small derived table from Python rows, portable to SQLite and PostgreSQL."""
-    selects = [select(*(literal(v, t).label(n) for v, n, t in zip(row, names, types, strict=True)))
-               for row in rows]
-    if len(selects) == 1:
-        return selects[0].subquery(alias)
-    return union_all(*selects).subquery(alias)
-
-
 def insert_ignore(conn: Connection, table: Any) -> Any:
     """INSERT ... ON CONFLICT DO NOTHING for the connection's dialect."""
     if conn.dialect.name == "postgresql":
@@ -180,6 +170,7 @@ class Evaluator:
         self.files = files or {}
         self.lifecycle = Lifecycle(config.lifecycle)
         self.default_tz = config.club.timezone
+        self._stages_key = f"{self.lifecycle.fingerprint}:{self.default_tz}"
         self.holder = holder or f"{socket.gethostname()}:{os.getpid()}"
         self.contact = {name: ch.contact for name, ch in config.channels.channels.items()}
 
@@ -249,22 +240,43 @@ class Evaluator:
 
     def _context(self, conn: Connection, now: datetime, kind: TickKind,
                  previous_seq: int) -> tuple[SqlContext, Select[Any]]:
-        """The evaluation context and the base FROM (customers, current membership, local date)."""
-        zones = {self.default_tz, *(
-            z for z in conn.execute(select(Customer.timezone).distinct()).scalars() if z)}
-        self._days = local_dates(zones, now)
-        self._tzv = _table([(d.tz, d.today) for d in self._days], ["tz", "today"],
-                           [String(64), Date()], "tzv")
+        """The evaluation context and the base FROM (customers and their current membership)."""
+        self._zones = {self.default_tz, *_zones(conn)}
+        self._days = local_dates(self._zones, now)
         c = Customer.__table__
         m = Membership.__table__.alias("m")
         self._m = m
-        self._tz_eff = func.coalesce(c.c.timezone, self.default_tz)
-        ctx = SqlContext(customer=c, membership=m, local_today=self._tzv.c.today, now=now)
-        base = select().select_from(c.outerjoin(m, m.c.id == c.c.current_membership_id)
-                                    .join(self._tzv, self._tzv.c.tz == self._tz_eff))
+        # Each customer's local date as an expression, not a join: at any instant the zones share
+        # two or three dates, so this is a CASE over a few zone lists, or one constant.
+        local_today = self._by_zone({d.tz: d.today for d in self._days}, Date())
+        ctx = SqlContext(customer=c, membership=m, local_today=local_today, now=now)
+        base = select().select_from(c.outerjoin(m, m.c.id == c.c.current_membership_id))
         if kind is TickKind.INCREMENTAL:
             base = base.where(c.c.change_seq > previous_seq)
         return ctx, base
+
+    def _in_zones(self, zones: Collection[str]) -> ColumnElement[bool]:
+        """The customer's time zone (or the club's, if they have none) is one of `zones`."""
+        c = Customer.__table__
+        if set(self._zones) <= set(zones):
+            return true()
+        named = c.c.timezone.in_(sorted(zones))
+        # Written on the bare column so that the timezone index can serve it.
+        return or_(c.c.timezone.is_(None), named) if self.default_tz in zones else named
+
+    def _by_zone(self, values: dict[str, Any], type_: Any) -> ColumnElement[Any]:
+        """A per-customer value chosen by time zone from {zone: value}; customers in other zones
+        get one of the values (callers filter them out)."""
+        groups: dict[Any, list[str]] = {}
+        for tz, value in values.items():
+            groups.setdefault(value, []).append(tz)
+        # The group with the club's zone (most customers) is the ELSE branch.
+        ordered = sorted(groups.items(), key=lambda g: (self.default_tz in g[1], len(g[1])))
+        *whens, (last, _) = ordered
+        if not whens:
+            return literal(last, type_)
+        return case(*((self._in_zones(zones), literal(value, type_)) for value, zones in whens),
+                    else_=literal(last, type_))
 
     def _tick(self, conn: Connection, kind: TickKind, dry_run: bool, now: datetime) -> TickResult:
         previous_seq = conn.execute(
@@ -278,8 +290,12 @@ class Evaluator:
         versions = self._rule_file_versions(conn, now)
 
         ctx, base = self._context(conn, now, kind, previous_seq)
-        c, m, tzv, tz_eff, days = ctx.customer, self._m, self._tzv, self._tz_eff, self._days
+        c, m, days = ctx.customer, self._m, self._days
         changed_only = (c.c.change_seq > previous_seq) if kind is TickKind.INCREMENTAL else None
+        if kind is TickKind.FULL:
+            restaged = self._restaged(conn, now, previous_seq)
+            if restaged is not None:
+                base = base.where(c.c.id.in_(restaged))
         result.stage_changes = self.lifecycle.record_changes(conn, base, ctx, tick_id, now)
 
         event_max = conn.execute(select(func.max(Event.id))).scalar() or 0
@@ -290,34 +306,46 @@ class Evaluator:
             state = states.get(trig.id)
             event_wm = state.event_watermark if state else 0
             stage_wm = state.stage_watermark if state else 0
-            candidates = self._candidates(loaded, ctx, m, tzv, tz_eff, days, now, changed_only,
+            candidates = self._candidates(loaded, ctx, m, days, now, changed_only,
                                           (event_wm, event_max), (stage_wm, stage_max))
             count = self._insert_occurrences(conn, loaded, candidates, ctx, tick_id, now,
                                              versions.get(loaded.path))
             result.occurrences[trig.id] = count
             if count:
-                self._assign(conn, trig, tick_id)
                 held, skipped, messages = self._to_outbox(conn, trig, tick_id, now)
                 result.held_out += held
                 result.skipped += skipped
                 result.messages += messages
             self._save_state(conn, trig.id, state is not None, versions.get(loaded.path),
                              loaded.path, event_max, stage_max, now, count)
-        conn.execute(update(Tick).where(Tick.id == tick_id)
-                     .values(finished_at=self.clock.now(), summary=result.as_dict()))
+        conn.execute(update(Tick).where(Tick.id == tick_id).values(
+            finished_at=self.clock.now(), summary={**result.as_dict(), "stages": self._stages_key}))
         return result
+
+    def _restaged(self, conn: Connection, now: datetime,
+                  previous_seq: int) -> Select[Any] | None:
+        """The customers whose stage may have changed since the previous full tick (None: all).
+
+        Valid only if that tick computed stages with the same definition and default zone."""
+        previous = conn.execute(
+            select(Tick.now, Tick.summary)
+            .where(Tick.kind == str(TickKind.FULL), Tick.dry_run.is_(False),
+                   Tick.finished_at.is_not(None))
+            .order_by(Tick.id.desc()).limit(1)).first()
+        if previous is None or (previous.summary or {}).get("stages") != self._stages_key:
+            return None
+        return self.lifecycle.may_have_changed(previous.now, now, self._zones, previous_seq)
 
     # candidates --------------------------------------------------------------------------------
 
     def _candidates(self, loaded: LoadedTriggerLike, ctx: SqlContext, m: FromClause,
-                    tzv: FromClause, tz_eff: ColumnElement[Any], days: list[LocalDay],
-                    now: datetime, changed_only: ColumnElement[Any] | None,
+                    days: list[LocalDay], now: datetime, changed_only: ColumnElement[Any] | None,
                     events: tuple[int, int], stages: tuple[int, int]) -> Select[Any] | None:
         """customer_id, membership_id, event_id, scope_key of everyone the trigger fires for."""
         trig = loaded.trigger
         c = ctx.customer
         when = trig.when
-        joined = c.outerjoin(m, m.c.id == c.c.current_membership_id).join(tzv, tzv.c.tz == tz_eff)
+        joined: FromClause = c.outerjoin(m, m.c.id == c.c.current_membership_id)
         event_id: ColumnElement[Any] = cast(null(), BigInteger)
         slot: ColumnElement[Any] = literal(now.date().isoformat())
         filters: list[ColumnElement[Any]] = []
@@ -336,7 +364,7 @@ class Evaluator:
                             func.min(e.c.occurred_at).label("occurred_at")) \
                     .where(ev_filter).group_by(e.c.customer_id).subquery("ev")
             joined = ev.join(c, c.c.id == ev.c.customer_id).outerjoin(
-                m, m.c.id == c.c.current_membership_id).join(tzv, tzv.c.tz == tz_eff)
+                m, m.c.id == c.c.current_membership_id)
             event_id = ev.c.event_id
             slot = cast(ev.c.event_id, String)
         elif isinstance(when, StageWhen):
@@ -348,28 +376,35 @@ class Evaluator:
                 sh.c.stage == when.stage_entered, sh.c.id > lo, sh.c.id <= hi,
             ).group_by(sh.c.customer_id).subquery("entered")
             joined = entered.join(c, c.c.id == entered.c.customer_id).outerjoin(
-                m, m.c.id == c.c.current_membership_id).join(tzv, tzv.c.tz == tz_eff)
+                m, m.c.id == c.c.current_membership_id)
             filters.append(c.c.stage == when.stage_entered)
             slot = cast(entered.c.change_id, String)
         elif isinstance(when, RelativeWhen):
-            rows = []
+            # Due where the anchor date is today's firing date (yesterday's before `at`) minus
+            # the offset, in the customer's zone; read through the anchor date's index.
+            zones_by_anchor: dict[date, list[str]] = {}
+            fire_dates: dict[date, date] = {}
             for d in days:
                 fire_date = d.today if d.local_now.time() >= when.at else d.today - timedelta(1)
-                rows.append((d.tz, fire_date - timedelta(days=when.offset_days), fire_date))
-            due = _table(rows, ["tz", "anchor", "fire_date"], [String(64), Date(), Date()], "due")
+                anchor = fire_date - timedelta(days=when.offset_days)
+                zones_by_anchor.setdefault(anchor, []).append(d.tz)
+                fire_dates[anchor] = fire_date
             anchor_col = m.c.ends_on if when.anchor is Anchor.MEMBERSHIP_ENDS else m.c.starts_on
-            joined = joined.join(due, and_(due.c.tz == tz_eff, due.c.anchor == anchor_col))
-            filters.append(anchor_col.in_(sorted({r[1] for r in rows})))
-            slot = cast(due.c.fire_date, String)
+            joined = c.join(m, m.c.id == c.c.current_membership_id)
+            filters.append(anchor_col.in_(sorted(zones_by_anchor)))
+            filters.append(or_(*(and_(anchor_col == anchor, self._in_zones(zones))
+                                 for anchor, zones in zones_by_anchor.items())))
+            slot = literal(next(iter(fire_dates.values())).isoformat()) \
+                if len(fire_dates) == 1 else case(*((anchor_col == anchor, literal(fire.isoformat()))
+                                                    for anchor, fire in fire_dates.items()))
             if changed_only is not None:
                 filters.append(changed_only)
         elif isinstance(when, ScheduleWhen):
-            rows = [(d.tz, s) for d in days if (s := _latest_slot(when.schedule, d)) is not None]
-            if not rows:
+            slots = {d.tz: s for d in days if (s := _latest_slot(when.schedule, d)) is not None}
+            if not slots:
                 return None
-            due = _table(rows, ["tz", "slot"], [String(64), String(32)], "due")
-            joined = joined.join(due, due.c.tz == tz_eff)
-            slot = due.c.slot
+            filters.append(self._in_zones(slots))
+            slot = self._by_zone(slots, String(32))
             if changed_only is not None:
                 filters.append(changed_only)
 
@@ -393,59 +428,64 @@ class Evaluator:
         return select(
             c.c.id.label("customer_id"), m.c.id.label("membership_id"),
             event_id.label("event_id"), scope.label("scope_key"), c.c.stage.label("stage"),
+            *(c.c[column] for column in sorted(set(self.contact.values()))),
         ).select_from(joined).where(*filters)
 
     def _insert_occurrences(self, conn: Connection, loaded: LoadedTriggerLike,
                             candidates: Select[Any] | None, ctx: SqlContext, tick_id: int,
                             now: datetime, version_id: int | None) -> int:
+        """Insert one occurrence per candidate not already recorded, with its arm, variant,
+        channel and status decided in the same statement."""
         if candidates is None:
             return 0
         cand = candidates.subquery("cand")
         trig = loaded.trigger
+        assigned = select(cand, *self._arm_and_variant(trig, cand)).subquery("assigned")
+        channel = self._channel(trig, assigned)
+        held = assigned.c.arm == "holdout"
+        status = case((held, literal(str(OccurrenceStatus.HELD_OUT))),
+                      (channel.is_(None), literal(str(OccurrenceStatus.SKIPPED))),
+                      else_=literal(str(OccurrenceStatus.MESSAGE)))
+        reason = case((held, literal("holdout")), (channel.is_(None), literal("no_contact_point")),
+                      else_=null())
         stmt = insert_ignore(conn, Occurrence.__table__).from_select(
             ["trigger_id", "customer_id", "scope_key", "membership_id", "event_id",
-             "rule_file_version_id", "tick_id", "fired_at", "stage", "arm", "status"],
-            select(literal(trig.id), cand.c.customer_id, cand.c.scope_key, cand.c.membership_id,
-                   cand.c.event_id, literal(version_id, BigInteger), literal(tick_id), literal(now),
-                   cand.c.stage, literal("treatment"), literal(str(OccurrenceStatus.MESSAGE)))
+             "rule_file_version_id", "tick_id", "fired_at", "stage", "arm", "variant", "channel",
+             "status", "reason"],
+            select(literal(trig.id), assigned.c.customer_id, assigned.c.scope_key,
+                   assigned.c.membership_id, assigned.c.event_id, literal(version_id, BigInteger),
+                   literal(tick_id), literal(now), assigned.c.stage, assigned.c.arm,
+                   assigned.c.variant, channel, status, reason)
             # SQLite needs a WHERE to read ON CONFLICT after INSERT ... SELECT unambiguously.
             .where(true()),
         )
         return int(conn.execute(stmt).rowcount)
 
-    # after the occurrences: arm, variant, channel, outbox --------------------------------------
+    # arm, variant, channel; the outbox -----------------------------------------------------------
 
-    def _assign(self, conn: Connection, trig: Trigger, tick_id: int) -> None:
-        o = Occurrence.__table__
-        c = Customer.__table__
-        mine = and_(o.c.tick_id == tick_id, o.c.trigger_id == trig.id)
-        values: dict[str, Any] = {}
+    def _arm_and_variant(self, trig: Trigger, cand: FromClause) -> list[ColumnElement[Any]]:
+        """The holdout arm and the variant of each candidate, by deterministic buckets."""
+        arm: ColumnElement[Any] = literal("treatment")
         if trig.holdout > 0:
-            bucket = bucket_sql(o.c.customer_id, o.c.membership_id, salt(trig.id, "holdout"))
-            values["arm"] = case((bucket < round(trig.holdout * BUCKETS), literal("holdout")),
-                                 else_=literal("treatment"))
+            bucket = bucket_sql(cand.c.customer_id, cand.c.membership_id, salt(trig.id, "holdout"))
+            arm = case((bucket < round(trig.holdout * BUCKETS), literal("holdout")),
+                       else_=literal("treatment"))
+        variant: ColumnElement[Any] = cast(null(), String)
         if trig.variants:
             cutoffs = variant_cutoffs({k: v.weight for k, v in trig.variants.items()})
-            bucket = bucket_sql(o.c.customer_id, o.c.membership_id, salt(trig.id, "variant"))
-            values["variant"] = pick_variant_sql(bucket, cutoffs)
-        if values:
-            conn.execute(update(o).where(mine).values(**values))
-        # Channel: the first of the (variant's) channel and the fallbacks the customer can receive.
+            bucket = bucket_sql(cand.c.customer_id, cand.c.membership_id, salt(trig.id, "variant"))
+            variant = pick_variant_sql(bucket, cutoffs)
+        return [arm.label("arm"), variant.label("variant")]
+
+    def _channel(self, trig: Trigger, assigned: FromClause) -> ColumnElement[Any]:
+        """The first of the (variant's) channel and the fallbacks the customer can receive."""
         by_variant: list[tuple[ColumnElement[Any], ColumnElement[Any]]] = []
         for name, variant in trig.variants.items():
             if variant.channel:
-                by_variant.append((o.c.variant == name,
-                                   self._channel_case(c, [variant.channel, *trig.action.fallback])))
-        default = self._channel_case(c, [trig.action.channel, *trig.action.fallback])
-        channel = case(*by_variant, else_=default) if by_variant else default
-        conn.execute(
-            update(o).where(mine, o.c.customer_id == c.c.id).values(channel=channel))
-        conn.execute(
-            update(o).where(mine, o.c.arm == "holdout")
-            .values(status=str(OccurrenceStatus.HELD_OUT), reason="holdout"))
-        conn.execute(
-            update(o).where(mine, o.c.arm != "holdout", o.c.channel.is_(None))
-            .values(status=str(OccurrenceStatus.SKIPPED), reason="no_contact_point"))
+                by_variant.append((assigned.c.variant == name, self._channel_case(
+                    assigned, [variant.channel, *trig.action.fallback])))
+        default = self._channel_case(assigned, [trig.action.channel, *trig.action.fallback])
+        return case(*by_variant, else_=default) if by_variant else default
 
     def _channel_case(self, c: FromClause, channels: list[str]) -> ColumnElement[Any]:
         whens = []
@@ -516,6 +556,18 @@ class Evaluator:
         else:
             conn.execute(insert(TriggerState).values(trigger_id=trigger_id, fired_total=fired,
                                                      **values))
+
+
+def _zones(conn: Connection) -> list[str]:
+    """The distinct customer time zones, read as a skip scan over the timezone index (one
+    probe per zone, not one row per customer)."""
+    c = Customer.__table__
+    found: list[str] = []
+    tz = conn.execute(select(func.min(c.c.timezone))).scalar()
+    while tz is not None:
+        found.append(tz)
+        tz = conn.execute(select(func.min(c.c.timezone)).where(c.c.timezone > tz)).scalar()
+    return found
 
 
 def _latest_slot(expr: str, day: LocalDay) -> str | None:

@@ -113,18 +113,19 @@ class Lifecycle:
             ranges: list[tuple[Any, Any]] = []
             sign = watch.clocked.sign
             for k in watch.thresholds:
+                # An integer count moving monotonically from n0 (at `then`) to n1 (at `now`)
+                # can flip `count <op> k` only if it reaches k from one side: min(n0, n1) <= k
+                # <= max(n0, n1). These bounds keep every anchor for which that may hold.
                 low, high = math.floor(k), math.ceil(k)
-                # The truth of `count <op> k` can only change while the count passes k-1..k+1;
-                # these bounds keep every anchor whose count did, and a little more.
                 if watch.clocked.local_date and sign > 0:  # count = local date - anchor
-                    ranges.append((first_day - timedelta(days=high + 1),
-                                   last_day - timedelta(days=low - 1)))
+                    ranges.append((first_day - timedelta(days=high),
+                                   last_day - timedelta(days=low)))
                 elif watch.clocked.local_date:  # count = anchor - local date
-                    ranges.append((first_day + timedelta(days=low - 1),
-                                   last_day + timedelta(days=high + 1)))
-                elif sign > 0:  # whole 24-hour periods since a timestamp
-                    ranges.append((early - timedelta(days=high + 2, seconds=1),
-                                   late - timedelta(days=low - 2) + timedelta(seconds=1)))
+                    ranges.append((first_day + timedelta(days=low),
+                                   last_day + timedelta(days=high)))
+                elif sign > 0:  # whole 24-hour periods since a timestamp, truncated
+                    ranges.append((early - timedelta(days=high + 1, seconds=1),
+                                   late - timedelta(days=low - 1) + timedelta(seconds=1)))
                 else:
                     return None
             table = c if watch.clocked.source == "customer" else m

@@ -123,7 +123,10 @@ class Customer(Base):
     # Bumped from the `change` counter whenever ingestion touches the customer or their data.
     change_seq: Mapped[int] = mapped_column(BigInteger, default=0, index=True)
 
-    __table_args__ = (Index(None, "stage"), Index(None, "timezone"))
+    # current_membership_id: date-relative triggers read memberships by date, then their
+    # customers; last_visit_at: the tick finds whose days since the last visit crossed a boundary.
+    __table_args__ = (Index(None, "stage"), Index(None, "timezone"),
+                      Index(None, "current_membership_id"), Index(None, "last_visit_at"))
 
 
 class Membership(Base):

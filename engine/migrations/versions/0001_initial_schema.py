@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-24 18:41:37.391458
+Create Date: 2026-11-24 19:19:02.381034
 """
 
 from __future__ import annotations
@@ -61,6 +61,14 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("customers", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_customers_change_seq"), ["change_seq"], unique=False)
+        batch_op.create_index(
+            batch_op.f("ix_customers_current_membership_id"),
+            ["current_membership_id"],
+            unique=False,
+        )
+        batch_op.create_index(
+            batch_op.f("ix_customers_last_visit_at"), ["last_visit_at"], unique=False
+        )
         batch_op.create_index(batch_op.f("ix_customers_stage"), ["stage"], unique=False)
         batch_op.create_index(batch_op.f("ix_customers_timezone"), ["timezone"], unique=False)
 
@@ -400,6 +408,8 @@ def downgrade() -> None:
     with op.batch_alter_table("customers", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_customers_timezone"))
         batch_op.drop_index(batch_op.f("ix_customers_stage"))
+        batch_op.drop_index(batch_op.f("ix_customers_last_visit_at"))
+        batch_op.drop_index(batch_op.f("ix_customers_current_membership_id"))
         batch_op.drop_index(batch_op.f("ix_customers_change_seq"))
 
     op.drop_table("customers")

@@ -1,0 +1,308 @@
+"""The tick benchmark: how long a full and an incremental tick take over a generated club, against
+the same selections in bare SQL and against evaluating customers one at a time in Python.
+
+    python bench/tick.py                        # 1,000,000 customers; SQLite, and PostgreSQL too
+                                                # when TOUCHPOINTS_BENCH_POSTGRES_URL is set
+    python bench/tick.py --customers 20000      # quick mode
+    python bench/tick.py --backend postgresql --postgres-url postgresql://postgres@127.0.0.1/tp_bench
+
+See bench/README.md for what each figure means. Every measurement runs in a fresh subprocess
+(`--phase`), so generation does not count towards the peak memory of the ticks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import rig  # noqa: E402
+from prepare import OUT, prepare_postgres, prepare_sqlite  # noqa: E402
+
+ENV_URL = "TOUCHPOINTS_BENCH_POSTGRES_URL"
+CHANGED = 10_000  # customers touched before the incremental tick
+TARGETS = {  # backend -> full-tick seconds; the others are shared
+    "sqlite": 2.5,
+    "postgresql": 1.5,
+}
+FLOOR_RATIO = 3.0
+INCREMENTAL_SECONDS = 0.1
+PEAK_MB = 200.0
+
+
+# --- phases (each runs in its own subprocess) ---------------------------------------------------
+
+
+def _peak_mb() -> float:
+    """This process's RSS high-water mark. Linux's VmHWM, because ru_maxrss carries the parent's
+    peak over into a child started with fork/vfork + exec (the generator's, here)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def _evaluator(url: str, now: datetime) -> tuple[Any, Any, Any]:
+    from engine.clock import FixedClock
+    from engine.db import make_engine
+    from engine.evaluation import Evaluator
+
+    engine = make_engine(url)
+    clock = FixedClock(now)
+    return engine, clock, Evaluator(engine, rig.load_config(), rig.load_triggers(), clock)
+
+
+def _tick(evaluator: Any, **kwargs: Any) -> dict[str, Any]:
+    started = time.perf_counter()
+    result = evaluator.tick(**kwargs)
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "stage_changes": result.stage_changes,
+            "occurrences": sum(result.occurrences.values()), "messages": result.messages,
+            "held_out": result.held_out, "skipped": result.skipped,
+            "by_trigger": result.occurrences, "peak_mb": _peak_mb()}
+
+
+def _trigger_states(engine: Any) -> dict[str, list[int]]:
+    from sqlalchemy import select
+
+    from engine.models import TriggerState
+
+    with engine.connect() as conn:
+        return {r.trigger_id: [r.event_watermark, r.stage_watermark]
+                for r in conn.execute(select(TriggerState.__table__))}
+
+
+def phase_full(url: str) -> dict[str, Any]:
+    """The first full tick (assigns every stage), then the same instant on the next day."""
+    baseline = _peak_mb()
+    engine, clock, evaluator = _evaluator(url, rig.FIRST)
+    imported = _peak_mb()
+    first = _tick(evaluator)
+    watermarks = _trigger_states(engine)
+    clock.set(rig.STEADY)
+    steady = _tick(evaluator)
+    engine.dispose()
+    return {"baseline_mb": baseline, "imported_mb": imported, "first": first, "steady": steady,
+            "watermarks": watermarks}
+
+
+def phase_floor(url: str, watermarks: dict[str, list[int]], sample: int) -> dict[str, Any]:
+    """The bare-SQL floor at the steady tick's instant, then the naive baseline, then the
+    ingestion of the visits the incremental tick will see (timed, but not a tick figure)."""
+    import floor
+    import naive
+
+    from engine.clock import FixedClock
+    from engine.db import make_engine
+    from engine.ingest import EventIn, Ingestor
+
+    config, triggers = rig.load_config(), rig.load_triggers()
+    conn, dialect = _plain_connection(url)
+    cur = conn.cursor()
+    zones = {r[0] for r in _all(cur, "SELECT DISTINCT timezone FROM customers") if r[0]}
+    event_max = _all(cur, "SELECT coalesce(max(id), 0) FROM events")[0][0]
+    stage_max = _all(cur, "SELECT coalesce(max(id), 0) FROM stage_history")[0][0]
+    top = _all(cur, "SELECT max(id) FROM customers")[0][0]
+    cur.close()
+    conn.rollback()
+    statements = floor.Floor(dialect, config, triggers, rig.STEADY, zones,
+                             {k: (v[0], v[1]) for k, v in watermarks.items()},
+                             (event_max, stage_max)).statements()
+    runs = [floor.run(conn, statements) for _ in range(2)]
+    conn.rollback()
+    conn.close()
+    best = min(runs, key=lambda r: r["total"])
+
+    engine = make_engine(url)
+    naive_result = naive.run(engine, config, triggers, rig.STEADY, sample)
+
+    # CHANGED customers, spread over the base, visit: ingested as the API would.
+    step = max(top // CHANGED, 1)
+    visits = [EventIn(customer_external_id=f"c{cid}", kind="visit", occurred_at=rig.INGEST_AT)
+              for cid in range(1, top + 1, step)][:CHANGED]
+    started = time.perf_counter()
+    Ingestor(engine, FixedClock(rig.INGEST_AT)).events(visits)
+    ingest_seconds = time.perf_counter() - started
+    engine.dispose()
+    return {"floor": best, "naive": naive_result, "ingested": len(visits),
+            "ingest_seconds": ingest_seconds}
+
+
+def phase_incremental(url: str) -> dict[str, Any]:
+    """An incremental tick after the ingestion."""
+    from engine.evaluation import TickKind
+
+    baseline = _peak_mb()
+    engine, _, evaluator = _evaluator(url, rig.INCREMENTAL)
+    result = _tick(evaluator, kind=TickKind.INCREMENTAL)
+    engine.dispose()
+    return {"baseline_mb": baseline, "incremental": result}
+
+
+def _plain_connection(url: str) -> tuple[Any, str]:
+    if url.startswith("sqlite"):
+        import sqlite3
+
+        return sqlite3.connect(url.split("///", 1)[1]), "sqlite"
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    plain = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    conn = psycopg.connect(plain)
+    conn.execute("SET jit = off")  # as the engine's own connections
+    return conn, "postgresql"
+
+
+def _all(cur: Any, sql: str) -> list[Any]:
+    cur.execute(sql)
+    return list(cur.fetchall())
+
+
+# --- orchestration -------------------------------------------------------------------------------
+
+
+def _run_phase(name: str, url: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--phase", name, "--url", url,
+           "--payload", json.dumps(payload or {})]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr)
+        raise SystemExit(f"phase {name} failed")
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def run_backend(backend: str, n: int, pg_url: str | None, sample: int) -> dict[str, Any]:
+    print(f"[{backend}] preparing {n:,} customers ...", file=sys.stderr, flush=True)
+    if backend == "sqlite":
+        path, info = prepare_sqlite(n)
+        url = f"sqlite:///{path}"
+    else:
+        assert pg_url
+        url, info = prepare_postgres(pg_url, n)
+    print(f"[{backend}] {info}", file=sys.stderr, flush=True)
+    print(f"[{backend}] full ticks ...", file=sys.stderr, flush=True)
+    full = _run_phase("full", url)
+    print(f"[{backend}] floor, naive, ingestion ...", file=sys.stderr, flush=True)
+    floor = _run_phase("floor", url, {"watermarks": full["watermarks"], "sample": sample})
+    print(f"[{backend}] incremental tick ...", file=sys.stderr, flush=True)
+    incremental = _run_phase("incremental", url)
+    return summarise(backend, n, info, full, floor, incremental)
+
+
+def summarise(backend: str, n: int, info: dict[str, Any], full: dict[str, Any],
+              floor: dict[str, Any], incremental: dict[str, Any]) -> dict[str, Any]:
+    first, steady = full["first"], full["steady"]
+    inc = incremental["incremental"]
+    floor_total = floor["floor"]["total"]
+    naive_seconds = floor["naive"]["extrapolated_seconds"]
+    peak = max(first["peak_mb"], steady["peak_mb"], inc["peak_mb"])
+    limit = TARGETS[backend]
+    checks = {
+        "first full tick": (first["seconds"], f"<= {limit} s", first["seconds"] <= limit),
+        "steady full tick": (steady["seconds"], f"<= {limit} s", steady["seconds"] <= limit),
+        "steady tick / floor": (steady["seconds"] / floor_total, f"<= {FLOOR_RATIO}x",
+                                steady["seconds"] / floor_total <= FLOOR_RATIO),
+        "incremental tick": (inc["seconds"], f"<= {INCREMENTAL_SECONDS} s",
+                             inc["seconds"] <= INCREMENTAL_SECONDS),
+        "peak RSS (MB)": (peak, f"<= {PEAK_MB:.0f} MB", peak <= PEAK_MB),
+    }
+    return {
+        "backend": backend, "customers": n, "measured_at": datetime.now().isoformat(
+            timespec="seconds"), "machine": {"cpus": os.cpu_count()}, "data": info,
+        "first_full_tick": first, "steady_full_tick": steady, "incremental_tick": inc,
+        "floor": floor["floor"], "naive": floor["naive"],
+        "ingest": {"events": floor["ingested"], "seconds": floor["ingest_seconds"]},
+        "ratios": {"first_tick_over_floor": first["seconds"] / floor_total,
+                   "steady_tick_over_floor": steady["seconds"] / floor_total,
+                   "naive_over_steady_tick": naive_seconds / steady["seconds"]},
+        "memory": {"peak_rss_mb": peak, "interpreter_mb": full["baseline_mb"],
+                   "after_imports_mb": full["imported_mb"], "method": "RSS high-water mark (VmHWM) of the tick "
+                   "subprocesses"},
+        "targets": {k: {"value": v, "target": t, "pass": ok} for k, (v, t, ok) in checks.items()},
+    }
+
+
+def print_table(r: dict[str, Any]) -> None:
+    n = r["customers"]
+    first, steady, inc = r["first_full_tick"], r["steady_full_tick"], r["incremental_tick"]
+    rows = [
+        ("first full tick (assigns every stage)", f"{first['seconds']:.3f} s",
+         f"{first['stage_changes']:,} stage changes, {first['occurrences']:,} occurrences"),
+        ("steady full tick (next day)", f"{steady['seconds']:.3f} s",
+         f"{steady['stage_changes']:,} stage changes, {steady['occurrences']:,} occurrences"),
+        (f"incremental tick ({r['ingest']['events']:,} changed)", f"{inc['seconds']:.3f} s",
+         f"{inc['stage_changes']:,} stage changes, {inc['occurrences']:,} occurrences"),
+        ("floor: the same selections in bare SQL", f"{r['floor']['total']:.3f} s",
+         f"stages {r['floor']['seconds']['stages']:.3f} s + 20 triggers"),
+        ("naive: per customer in Python", f"{r['naive']['extrapolated_seconds']:.1f} s",
+         f"{r['naive']['per_customer_ms']:.2f} ms/customer x {n:,} "
+         f"(sample {r['naive']['sample']:,})"),
+        ("steady tick / floor", f"{r['ratios']['steady_tick_over_floor']:.2f}x",
+         f"first tick / floor {r['ratios']['first_tick_over_floor']:.2f}x"),
+        ("naive / steady tick", f"{r['ratios']['naive_over_steady_tick']:.0f}x", ""),
+        ("peak RSS of the tick processes", f"{r['memory']['peak_rss_mb']:.0f} MB",
+         f"{r['memory']['after_imports_mb']:.0f} MB after imports"),
+    ]
+    print(f"\n== {r['backend']}: {n:,} customers, 20 triggers "
+          f"(data {r['data'].get('size_mb')} MB; targets are set for 1,000,000 customers)")
+    width = max(len(a) for a, _, _ in rows)
+    for label, value, note in rows:
+        print(f"  {label:<{width}}  {value:>10}  {note}")
+    print("  targets:")
+    for name, t in r["targets"].items():
+        value = t["value"]
+        shown = f"{value:.3f}" if value < 10 else f"{value:.0f}"
+        print(f"    {'PASS' if t['pass'] else 'FAIL'}  {name:<20} {shown:>9}  {t['target']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--customers", type=int, default=1_000_000)
+    parser.add_argument("--backend", choices=["sqlite", "postgresql", "both"])
+    parser.add_argument("--postgres-url", default=os.environ.get(ENV_URL))
+    parser.add_argument("--naive-sample", type=int, default=2_000)
+    parser.add_argument("--phase", help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--payload", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.phase:
+        payload = json.loads(args.payload or "{}")
+        if args.phase == "full":
+            out = phase_full(args.url)
+        elif args.phase == "floor":
+            out = phase_floor(args.url, payload["watermarks"], payload["sample"])
+        else:
+            out = phase_incremental(args.url)
+        print(json.dumps(out, default=str))
+        return
+
+    backend = args.backend or ("both" if args.postgres_url else "sqlite")
+    backends = ["sqlite", "postgresql"] if backend == "both" else [backend]
+    if "postgresql" in backends and not args.postgres_url:
+        raise SystemExit(f"PostgreSQL needs --postgres-url or {ENV_URL}")
+    OUT.mkdir(exist_ok=True)
+    results = []
+    for name in backends:
+        result = run_backend(name, args.customers, args.postgres_url, args.naive_sample)
+        results.append(result)
+        path = OUT / f"results-{name}-n{args.customers}.json"
+        path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        print_table(result)
+        print(f"  written to {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
+
+
+if __name__ == "__main__":
+    main()

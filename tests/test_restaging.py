@@ -1,0 +1,167 @@
+"""A full tick recomputes only the stages that may have changed since the previous full tick;
+whatever the clock does and whatever is ingested between ticks, every stored stage must equal
+the stage computed from scratch, on every backend."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import Engine, delete, select
+
+from engine.clock import FixedClock
+from engine.config import LifecycleFile, ProjectConfig
+from engine.evaluation import Evaluator, TickKind
+from engine.explain import load_facts
+from engine.ingest import CustomerIn, EventIn, Ingestor, MembershipIn
+from engine.lifecycle import Lifecycle
+from engine.models import (
+    Counter,
+    Customer,
+    Event,
+    Membership,
+    Occurrence,
+    StageChange,
+    Tick,
+    TriggerState,
+)
+
+START = datetime(2026, 3, 28, 20, 0)  # Europe's summer time begins that night
+ZONES = [None, "America/Los_Angeles", "Asia/Tokyo", "Europe/Berlin", "Pacific/Kiritimati"]
+
+
+# Dates and visits gather around the constants of config/lifecycle.yaml (28, 30 and 45 days),
+# where a few hours decide the stage.
+near = st.integers(-3, 3)
+
+
+@st.composite
+def member(draw: st.DrawFn) -> dict[str, Any]:
+    today = START.date()
+    length = timedelta(days=draw(st.integers(0, 400)))
+    if draw(st.booleans()):
+        start = today + timedelta(days=draw(st.integers(-420, 10) | near | near.map(lambda d: d - 28)))
+        end = start + length
+    else:
+        end = today + timedelta(days=draw(near | near.map(lambda d: d + 30)))
+        start = end - length
+    return {
+        "timezone": draw(st.sampled_from(ZONES)),
+        "membership": draw(st.none() | st.fixed_dictionaries({
+            "starts_on": st.just(start), "ends_on": st.just(end),
+            "status": st.sampled_from(["active", "active", "cancelled"]),
+        })),
+        "visits": draw(st.lists(st.integers(-90 * 24, 0) | st.integers(-47 * 24, -44 * 24),
+                                max_size=4)),
+    }
+
+
+# A step: move the clock by some hours (sometimes backwards), maybe ingest something first.
+step = st.tuples(st.integers(-30, 80), st.sampled_from(["none", "visit", "renew"]),
+                 st.integers(0, 5), st.booleans())
+
+
+def _reset(db: Engine) -> None:
+    with db.begin() as conn:
+        for table in (Occurrence, StageChange, Tick, TriggerState, Event, Membership, Customer,
+                      Counter):
+            conn.execute(delete(table))
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(members=st.lists(member(), min_size=1, max_size=6),
+       steps=st.lists(step, min_size=1, max_size=6))
+def test_restricted_full_ticks_keep_every_stage_exact(
+        db: Engine, project_config: ProjectConfig, members: list[dict[str, Any]],
+        steps: list[tuple[int, str, int, bool]]) -> None:
+    _reset(db)
+    clock = FixedClock(START)
+    ing = Ingestor(db, clock)
+    ing.customers([CustomerIn(external_id=f"c{i}", timezone=m["timezone"])
+                   for i, m in enumerate(members)])
+    ing.memberships([MembershipIn(external_id=f"m{i}", customer_external_id=f"c{i}",
+                                  **m["membership"])
+                     for i, m in enumerate(members) if m["membership"]])
+    ing.events([EventIn(customer_external_id=f"c{i}", kind="visit",
+                        occurred_at=START + timedelta(hours=h))
+                for i, m in enumerate(members) for h in m["visits"]])
+    evaluator = Evaluator(db, project_config, [], clock)
+    evaluator.tick()
+    for hours, ingest, who, incremental in steps:
+        clock.advance(timedelta(hours=hours))
+        target = f"c{who % len(members)}"
+        if ingest == "visit":
+            ing.events([EventIn(customer_external_id=target, kind="visit",
+                                occurred_at=clock.now())])
+        elif ingest == "renew":
+            today = clock.now().date()
+            ing.memberships([MembershipIn(
+                external_id=f"renewal-{target}-{today}", customer_external_id=target,
+                starts_on=today, ends_on=today + timedelta(days=180))])
+        evaluator.tick(kind=TickKind.INCREMENTAL if incremental else TickKind.FULL)
+        if not incremental:
+            _assert_exact(db, project_config, clock.now())
+
+
+def _assert_exact(db: Engine, config: ProjectConfig, now: datetime) -> None:
+    lifecycle = Lifecycle(config.lifecycle)
+    with db.connect() as conn:
+        rows = conn.execute(select(Customer.id, Customer.stage, Customer.stage_membership_id,
+                                   Customer.current_membership_id)).all()
+        for cid, stage, stage_membership, current in rows:
+            facts = load_facts(conn, cid, now, config.club.timezone)
+            assert (stage, stage_membership) == (lifecycle.stage_py(facts), current), (cid, now)
+
+
+def test_conditions_beyond_day_counts_recompute_everyone() -> None:
+    """A windowed count or the stage itself in a stage condition cannot be bounded by dates."""
+    def lifecycle(*conditions: str) -> Lifecycle:
+        return Lifecycle(LifecycleFile.model_validate({"version": 1, "stages": [
+            {"id": "busy", "conditions": list(conditions)}, {"id": "rest"}]}))
+
+    then, now = START, START + timedelta(days=1)
+    assert lifecycle("visits_30d >= 4").may_have_changed(then, now, ["UTC"], 0) is None
+    assert lifecycle('stage == "busy"').may_have_changed(then, now, ["UTC"], 0) is None
+    assert lifecycle("days_in_stage < 3").may_have_changed(then, now, ["UTC"], 0) is None
+    assert lifecycle("days_until_membership_end in [1, 7]",
+                     "not days_since_last_visit > 3.5").watches is not None
+    assert lifecycle('plan == "annual"').may_have_changed(then, now, ["UTC"], 0) is not None
+
+
+def test_each_boundary_of_the_lifecycle_is_crossed_by_a_restricted_tick(
+        db: Engine, project_config: ProjectConfig) -> None:
+    """One member per boundary of config/lifecycle.yaml, each a few hours before crossing it."""
+    clock = FixedClock(START)
+    today = START.date()
+    ing = Ingestor(db, clock)
+    long_ago, far = today - timedelta(days=200), today + timedelta(days=200)
+    members = {  # external id: (starts_on, ends_on, last visit)
+        "leaves-onboarding": (today - timedelta(days=27), far, START),
+        "renewal-comes-due": (long_ago, today + timedelta(days=31), START),
+        "membership-ends": (long_ago, today, START),
+        "goes-quiet": (long_ago, far, START - timedelta(days=45, hours=12)),
+    }
+    ing.customers([CustomerIn(external_id=x) for x in members])
+    ing.memberships([MembershipIn(external_id=f"m-{x}", customer_external_id=x, starts_on=s,
+                                  ends_on=e) for x, (s, e, _) in members.items()])
+    ing.events([EventIn(customer_external_id=x, kind="visit", occurred_at=v)
+                for x, (_, _, v) in members.items()])
+    evaluator = Evaluator(db, project_config, [], clock)
+    evaluator.tick()
+    before = _stages(db)
+    clock.advance(timedelta(hours=24))
+    assert evaluator.tick().stage_changes == 4
+    assert (before, _stages(db)) == (
+        {"leaves-onboarding": "onboarding", "renewal-comes-due": "active",
+         "membership-ends": "renewal_due", "goes-quiet": "active"},
+        {"leaves-onboarding": "active", "renewal-comes-due": "renewal_due",
+         "membership-ends": "lapsed", "goes-quiet": "lapsed"})
+    _assert_exact(db, project_config, clock.now())
+
+
+def _stages(db: Engine) -> dict[str, str | None]:
+    with db.connect() as conn:
+        return dict(conn.execute(select(Customer.external_id, Customer.stage)).all())
