@@ -177,7 +177,8 @@ class Evaluator:
     # the tick ----------------------------------------------------------------------------------
 
     def tick(self, *, kind: TickKind = TickKind.FULL, dry_run: bool = False,
-             now: datetime | None = None, lease_ttl: timedelta = timedelta(minutes=10)) -> TickResult:
+             now: datetime | None = None,
+             lease_ttl: timedelta = timedelta(minutes=10)) -> TickResult:
         """Evaluate every enabled trigger once. Raises TickBusy if another process is ticking."""
         now = utc_naive(now or self.clock.now())
         started = _time.perf_counter()
@@ -394,9 +395,11 @@ class Evaluator:
             filters.append(anchor_col.in_(sorted(zones_by_anchor)))
             filters.append(or_(*(and_(anchor_col == anchor, self._in_zones(zones))
                                  for anchor, zones in zones_by_anchor.items())))
-            slot = literal(next(iter(fire_dates.values())).isoformat()) \
-                if len(fire_dates) == 1 else case(*((anchor_col == anchor, literal(fire.isoformat()))
-                                                    for anchor, fire in fire_dates.items()))
+            if len(fire_dates) == 1:
+                slot = literal(next(iter(fire_dates.values())).isoformat())
+            else:
+                slot = case(*((anchor_col == anchor, literal(fire.isoformat()))
+                              for anchor, fire in fire_dates.items()))
             if changed_only is not None:
                 filters.append(changed_only)
         elif isinstance(when, ScheduleWhen):
@@ -499,7 +502,7 @@ class Evaluator:
         o = Occurrence.__table__
         c = Customer.__table__
         mine = and_(o.c.tick_id == tick_id, o.c.trigger_id == trig.id)
-        counts = dict(conn.execute(
+        counts: dict[str, int] = dict(conn.execute(
             select(o.c.status, func.count()).where(mine).group_by(o.c.status)).all())
         template: ColumnElement[Any] = literal(trig.action.template)
         overrides = [(o.c.variant == n, literal(v.template)) for n, v in trig.variants.items()
@@ -548,8 +551,9 @@ class Evaluator:
     def _save_state(self, conn: Connection, trigger_id: str, exists_: bool,
                     version_id: int | None, path: str, event_max: int, stage_max: int,
                     now: datetime, fired: int) -> None:
-        values = dict(rule_file_version_id=version_id, path=path, enabled=True, errors={},
-                      event_watermark=event_max, stage_watermark=stage_max, last_tick_at=now)
+        values: dict[str, Any] = dict(
+            rule_file_version_id=version_id, path=path, enabled=True, errors={},
+            event_watermark=event_max, stage_watermark=stage_max, last_tick_at=now)
         if exists_:
             conn.execute(update(TriggerState).where(TriggerState.trigger_id == trigger_id)
                          .values(fired_total=TriggerState.fired_total + fired, **values))

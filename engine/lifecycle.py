@@ -36,7 +36,7 @@ from sqlalchemy import (
 from engine.conditions import Condition, compile_condition
 from engine.config import LifecycleFile
 from engine.metrics import Clocked, Facts, SqlContext, UnknownName, resolve
-from engine.models import Customer, Membership, StageChange
+from engine.models import Customer, Membership, StageChange, table
 
 __all__ = ["Lifecycle"]
 
@@ -159,7 +159,7 @@ class Lifecycle:
             func.coalesce(computed.c.old_membership_id, -1)
             != func.coalesce(computed.c.membership_id, -1),
         ))
-        sh = StageChange.__table__
+        sh = table(StageChange)
         inserted = conn.execute(
             insert(sh).from_select(
                 ["customer_id", "membership_id", "stage", "previous_stage", "entered_at",
@@ -167,8 +167,8 @@ class Lifecycle:
         ).rowcount
         if inserted:
             conn.execute(
-                update(Customer.__table__)
-                .where(Customer.__table__.c.id == sh.c.customer_id, sh.c.tick_id == tick_id)
+                update(table(Customer))
+                .where(table(Customer).c.id == sh.c.customer_id, sh.c.tick_id == tick_id)
                 .values(stage=sh.c.stage, stage_membership_id=sh.c.membership_id,
                         stage_since=sh.c.entered_at)
             )

@@ -42,7 +42,8 @@ def member(draw: st.DrawFn) -> dict[str, Any]:
     today = START.date()
     length = timedelta(days=draw(st.integers(0, 400)))
     if draw(st.booleans()):
-        start = today + timedelta(days=draw(st.integers(-420, 10) | near | near.map(lambda d: d - 28)))
+        offsets = st.integers(-420, 10) | near | near.map(lambda d: d - 28)
+        start = today + timedelta(days=draw(offsets))
         end = start + length
     else:
         end = today + timedelta(days=draw(near | near.map(lambda d: d + 30)))
