@@ -7,6 +7,7 @@ of httpx's request log (a filter on the `httpx` logger).
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -76,7 +77,22 @@ class TelegramChannel(Channel):
         token = settings.bot_token.get_secret_value()
         self._bot_id = token.partition(":")[0]  # public: the bot's user id
         self._url = f"{settings.api_base.rstrip('/')}/bot{token}/sendMessage"
-        self._http = httpx.Client(timeout=settings.timeout)
+        # One client per sending thread: a shared httpx pool under many threads closed
+        # connections that another thread was reading ("Bad file descriptor" -> UNKNOWN).
+        self._local = threading.local()
+        self._ssl = httpx.create_ssl_context()  # loading CA certificates is costly: once
+        self._clients: list[httpx.Client] = []
+        self._clients_lock = threading.Lock()
+
+    @property
+    def _http(self) -> httpx.Client:
+        client: httpx.Client | None = getattr(self._local, "client", None)
+        if client is None:
+            client = httpx.Client(timeout=self.settings.timeout, verify=self._ssl)
+            with self._clients_lock:
+                self._clients.append(client)
+            self._local.client = client
+        return client
 
     def send(self, message: OutgoingMessage) -> SendResult:
         """Call `sendMessage`; SENT carries Telegram's message id."""
@@ -128,5 +144,8 @@ class TelegramChannel(Channel):
         return redact(text, self.settings.bot_token.get_secret_value())
 
     def close(self) -> None:
-        """Close the connection pool."""
-        self._http.close()
+        """Close every thread's connections."""
+        with self._clients_lock:
+            clients, self._clients = self._clients, []
+        for client in clients:
+            client.close()

@@ -17,6 +17,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import requests
 from pydantic import Field, SecretStr, field_validator, model_validator
+from requests.adapters import HTTPAdapter
 from twilio.base.exceptions import TwilioRestException, TwilioServiceException
 from twilio.http.http_client import TwilioHttpClient
 from twilio.rest import Client
@@ -59,6 +60,8 @@ class TwilioSettings(ChannelSettings):
     # a long code takes about 1 message/s, toll-free 3, a short code 100; None: no pacing
     rate_per_second: float | None = Field(default=1.0, gt=0)
     burst: int = Field(default=1, ge=1)
+    # pooled connections to the API: at least the dispatcher's concurrency, or they churn
+    max_connections: int = Field(default=128, ge=1)
     errors_file: Path | None = None
 
     @field_validator("status_callback_base_url", "base_url")
@@ -76,9 +79,12 @@ class TwilioSettings(ChannelSettings):
 class _RecordingHttpClient(TwilioHttpClient):  # type: ignore[misc]  # the SDK is untyped
     """The SDK's HTTP client, remembering each thread's last response for its headers."""
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, max_connections: int) -> None:
         super().__init__(timeout=timeout)
         self._local = threading.local()
+        # the SDK's pool keeps min(32, cpus + 4) connections: too few for a concurrent dispatcher
+        for prefix in ("https://", "http://"):
+            self.session.mount(prefix, HTTPAdapter(pool_maxsize=max_connections))
 
     def request(self, *args: Any, **kwargs: Any) -> Any:
         self._local.headers = None
@@ -126,7 +132,7 @@ class TwilioSmsChannel(Channel):
         self.limiter = limiter if limiter is not None or settings.rate_per_second is None \
             else RateLimiter.shared(settings.rate_per_second, settings.burst)
         self.wall_clock = wall_clock
-        self._http = _RecordingHttpClient(settings.timeout)
+        self._http = _RecordingHttpClient(settings.timeout, settings.max_connections)
         self._client = Client(settings.account_sid, settings.auth_token.get_secret_value(),
                               http_client=self._http, edge=settings.edge, region=settings.region)
         # explicit settings only: TWILIO_EDGE / TWILIO_REGION in the environment do not apply

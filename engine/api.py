@@ -9,6 +9,8 @@
     GET  /v1/triggers/{trigger_id}/preview         who the trigger would fire for now
     GET  /v1/customers/{external_id}/messages      the customer's messages and their outcomes
     POST /v1/tick                                  run one tick now (e.g. after ingestion)
+    POST /webhooks/...                             provider callbacks (engine.webhooks); each
+                                                   checks its provider's signature, not the key
 
 Every other path needs the key of `TOUCHPOINTS_API_KEY` in the `X-API-Key` header; it is checked
 before the request body is read, and `create_app` refuses to build an app without a key, so the
@@ -41,10 +43,12 @@ from engine.ingest import CustomerIn, EventIn, IngestResult, MembershipIn
 from engine.models import Customer, Message, Outcome, TriggerState, table
 from engine.rulefile import EventWhen, RelativeWhen, ScheduleWhen, StageWhen, Trigger
 from engine.runtime import Runtime
+from engine.webhooks import make_webhook_router
 
 __all__ = ["API_KEY_HEADER", "MAX_ITEMS", "NoApiKey", "create_app"]
 
 API_KEY_HEADER = "X-API-Key"
+SIGNED_PREFIX = "/webhooks/"  # provider callbacks: each checks its provider's signature
 MAX_ITEMS = 10_000
 # A 422 lists at most this many field errors; the message gives the total.
 MAX_REPORTED = 1_000
@@ -263,7 +267,9 @@ class _RequireApiKey:
         self.header = API_KEY_HEADER.lower().encode("ascii")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.open_paths:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in self.open_paths \
+                or path.startswith(SIGNED_PREFIX):
             await self.app(scope, receive, send)
             return
         given = next((value for name, value in scope["headers"] if name == self.header), None)
@@ -457,4 +463,6 @@ def create_app(runtime: Runtime) -> FastAPI:
                                        "kind": result.kind})
 
     app.include_router(v1)
+    # provider callbacks carry the provider's signature instead of our key
+    app.include_router(make_webhook_router(runtime))
     return app

@@ -87,9 +87,12 @@ class Runtime:
                 mine.setdefault("errors_file", str(errors_file))
         return build_channels(self.config.channels, overrides)
 
-    def dispatcher(self, channels: dict[str, Channel] | None = None) -> Dispatcher:
+    def dispatcher(self, channels: dict[str, Channel] | None = None, *,
+                   concurrency: int = 1) -> Dispatcher:
         return Dispatcher(
             self.engine, self.templates, channels or self.channels(), self.clock,
             club={"name": self.config.club.name},
             trigger_descriptions={t.trigger.id: t.trigger.description
-                                  for t in self.ruleset.triggers})
+                                  for t in self.ruleset.triggers},
+            trigger_purposes={t.trigger.id: t.trigger.purpose for t in self.ruleset.triggers},
+            concurrency=concurrency)

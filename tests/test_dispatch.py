@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from sqlalchemy import Engine, select
 
 from channels.base import Channel, OutgoingMessage, SendResult, SendStatus
@@ -149,3 +152,59 @@ def test_two_workers_never_claim_the_same_message(db: Engine, clock: FixedClock,
         claims = list(pool.map(lambda w: [r["id"] for r in w.claim(25)], workers))
     claimed = [mid for ids in claims for mid in ids]
     assert len(claimed) == len(set(claimed)) == 60
+
+
+class Checking(Channel):
+    """Thread-safe; checks that each message is committed as `sending` before its request."""
+
+    def __init__(self, db: Engine) -> None:
+        super().__init__("email", Channel.Settings())
+        self.db = db
+        self.lock = threading.Lock()
+        self.requests: list[int] = []
+        self.not_sending: list[int] = []
+        self.in_flight = 0
+        self.most_in_flight = 0
+
+    def send(self, message: OutgoingMessage) -> SendResult:
+        with self.db.connect() as conn:
+            status = conn.execute(select(Message.status)
+                                  .where(Message.id == message.message_id)).scalar_one()
+        with self.lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        time.sleep(0.01)  # the provider's latency: sends must overlap
+        with self.lock:
+            self.in_flight -= 1
+            self.requests.append(message.message_id)
+            if status != "sending":
+                self.not_sending.append(message.message_id)
+        return SendResult(SendStatus.SENT, f"p-{message.message_id}")
+
+
+def test_concurrent_sends_each_message_once_after_marking_it_sending(
+        db: Engine, clock: FixedClock, project_config: ProjectConfig) -> None:
+    ing = Ingestor(db, clock)
+    today = clock.now().date()
+    ing.customers([CustomerIn(external_id=f"c{i}", first_name=f"C{i}", email=f"c{i}@example.com")
+                   for i in range(40)])
+    ing.memberships([MembershipIn(external_id=f"m{i}", customer_external_id=f"c{i}",
+                                  starts_on=today, ends_on=today + timedelta(days=365))
+                     for i in range(40)])
+    trig = make_trigger(id="welcome", when={"stage_entered": "onboarding"})
+    assert Evaluator(db, project_config, [trig], clock).tick().messages == 40
+    channel = Checking(db)
+    dispatcher = Dispatcher(db, TEMPLATES, {"email": channel}, clock, club=CLUB, concurrency=8)
+    report = dispatcher.drain(batch_size=25)
+    assert (report.claimed, report.sent) == (40, 40)
+    assert sorted(channel.requests) == sorted(set(channel.requests)) and len(channel.requests) == 40
+    assert channel.not_sending == []
+    assert statuses(db) == ["sent"] * 40 and outcomes(db) == ["sent"] * 40
+    assert channel.most_in_flight > 1  # overlapped, not one after another
+    assert dispatcher.drain().claimed == 0
+    dispatcher.close()
+
+
+def test_concurrency_must_be_positive(db: Engine, clock: FixedClock) -> None:
+    with pytest.raises(ValueError, match="concurrency"):
+        Dispatcher(db, TEMPLATES, {}, clock, concurrency=0)
