@@ -15,11 +15,13 @@ from engine.conditions import Condition, compile_condition
 from engine.config import ChannelsFile, ClubFile, LifecycleFile, ProjectConfig
 from engine.rulefile import Trigger
 
-__all__ = ["FIRST", "INCREMENTAL", "STEADY", "Loaded", "load_config", "load_triggers"]
+__all__ = ["FIRST", "INCREMENTAL", "INGEST_AT", "STEADY", "WARMUP", "Loaded", "load_config",
+           "load_triggers"]
 
 ROOT = Path(__file__).resolve().parents[1]
 FIRST = NOW                                       # the first full tick
 STEADY = NOW + timedelta(days=1)                  # the same instant the next day
+WARMUP = STEADY + timedelta(minutes=5)            # a few visits, the process's first tick
 INGEST_AT = STEADY + timedelta(minutes=10)        # 10,000 visits arrive
 INCREMENTAL = STEADY + timedelta(minutes=15)      # the incremental tick after them
 

@@ -172,7 +172,24 @@ class Lifecycle:
                 .values(stage=sh.c.stage, stage_membership_id=sh.c.membership_id,
                         stage_since=sh.c.entered_at)
             )
+            _refresh_statistics(conn, int(inserted))
         return int(inserted)
+
+
+def _refresh_statistics(conn: Connection, changed: int) -> None:
+    """ANALYZE customers and stage_history on PostgreSQL when this tick moved many customers.
+
+    The trigger selections that follow in the same transaction filter on `customers.stage` and
+    read `stage_history`; with statistics from before the change (on a new base: every stage
+    NULL, no history) the planner expects one row and nests a full aggregate of the history
+    inside a loop over customers: quadratic, an hour at a million customers. ANALYZE in the
+    transaction samples its own uncommitted rows. The threshold is autovacuum's default."""
+    if conn.dialect.name != "postgresql":
+        return  # SQLite's statistics carry no per-value frequencies that would mislead it
+    rows = conn.exec_driver_sql(
+        "SELECT reltuples FROM pg_class WHERE oid = 'customers'::regclass").scalar()
+    if changed > 50 + 0.1 * max(float(rows or 0), 0.0):
+        conn.exec_driver_sql("ANALYZE customers, stage_history")
 
 
 def _local_date(tz: str, moment: datetime) -> date:
