@@ -15,9 +15,19 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import Connection, select
 
 from engine.conditions import Condition
+from engine.config import PolicyFile
 from engine.lifecycle import Lifecycle
 from engine.metrics import Facts
-from engine.models import Customer, Event, Membership, Message, Occurrence, Outcome, StageChange
+from engine.models import (
+    ConsentEntry,
+    Customer,
+    Event,
+    Membership,
+    Message,
+    Occurrence,
+    Outcome,
+    StageChange,
+)
 from engine.rulefile import Anchor, EventWhen, RelativeWhen, ScheduleWhen, StageWhen, Trigger
 
 __all__ = ["explain_customer", "load_facts", "local_today"]
@@ -78,10 +88,33 @@ def _when(trigger: Trigger, facts: Facts, tz: str, history: list[dict[str, Any]]
     return {"kind": "schedule", "schedule": when.schedule, "time_zone": tz, "due": True}
 
 
+def _consent(conn: Connection, cid: int, policy: PolicyFile | None,
+             channels: Sequence[str]) -> list[dict[str, Any]]:
+    """Each channel's current consent per purpose: the latest entry, else the policy default."""
+    latest: dict[tuple[str, str], dict[str, Any]] = {}
+    for row in conn.execute(select(ConsentEntry.__table__).where(ConsentEntry.customer_id == cid)
+                            .order_by(ConsentEntry.id)).mappings():
+        latest[(row["channel"], row["purpose"])] = dict(row)
+    out = []
+    for channel in channels:
+        for purpose in ("marketing", "transactional"):
+            entry = latest.get((channel, purpose))
+            if entry is not None:
+                out.append({"channel": channel, "purpose": purpose, "granted": entry["granted"],
+                            "since": entry["occurred_at"], "source": entry["source"]})
+            elif policy is not None:
+                out.append({"channel": channel, "purpose": purpose,
+                            "granted": policy.consent.granted_by_default(channel, purpose),
+                            "since": None, "source": "policy default"})
+    return out
+
+
 def explain_customer(conn: Connection, external_id: str, triggers: Sequence[Any],
                      lifecycle: Lifecycle, default_tz: str, now: datetime,
-                     only: str | None = None) -> dict[str, Any]:
-    """Stage, stage history, and for each trigger the verdict with every condition's values."""
+                     only: str | None = None, *, policy: PolicyFile | None = None,
+                     channels: Sequence[str] = ()) -> dict[str, Any]:
+    """Stage, stage history, and for each trigger the verdict with every condition's values;
+    consent per channel; every policy decision with its reason; every message with outcomes."""
     cid = conn.execute(select(Customer.id).where(Customer.external_id == external_id)).scalar()
     if cid is None:
         raise LookupError(f"unknown customer {external_id!r}")
@@ -94,17 +127,23 @@ def explain_customer(conn: Connection, external_id: str, triggers: Sequence[Any]
         .where(StageChange.customer_id == cid).order_by(StageChange.id)).mappings()]
     occurrences = [dict(r) for r in conn.execute(
         select(Occurrence.trigger_id, Occurrence.scope_key, Occurrence.fired_at, Occurrence.arm,
-               Occurrence.variant, Occurrence.channel, Occurrence.status, Occurrence.reason)
+               Occurrence.variant, Occurrence.channel, Occurrence.status, Occurrence.reason,
+               Occurrence.not_before)
         .where(Occurrence.customer_id == cid).order_by(Occurrence.id)).mappings()]
     messages = []
     for msg in conn.execute(select(Message.__table__).where(Message.customer_id == cid)
                             .order_by(Message.id)).mappings():
         outcomes = [dict(o) for o in conn.execute(
-            select(Outcome.status, Outcome.occurred_at, Outcome.source)
+            select(Outcome.status, Outcome.occurred_at, Outcome.source, Outcome.detail)
             .where(Outcome.message_id == msg["id"]).order_by(Outcome.id)).mappings()]
         messages.append({"id": msg["id"], "trigger": msg["trigger_id"], "channel": msg["channel"],
                          "template": msg["template"], "status": msg["status"],
-                         "created_at": msg["created_at"], "outcomes": outcomes})
+                         "created_at": msg["created_at"], "due_at": msg["due_at"],
+                         "last_error": msg["last_error"], "outcomes": outcomes})
+    # the contact policy's decisions: what it skipped, held out or deferred, and why
+    decisions = [{"trigger": o["trigger_id"], "at": o["fired_at"], "status": o["status"],
+                  "channel": o["channel"], "reason": o["reason"], "until": o["not_before"]}
+                 for o in occurrences if o["reason"]]
     report_triggers = []
     for loaded in triggers:
         trig: Trigger = loaded.trigger
@@ -139,7 +178,8 @@ def explain_customer(conn: Connection, external_id: str, triggers: Sequence[Any]
             "external_id", "plan", "price", "starts_on", "ends_on", "status")},
         "stage": {"recorded": facts.customer["stage"], "computed_now": stage_now,
                   "trace": lifecycle.trace(facts), "history": history},
-        "triggers": report_triggers, "messages": messages,
+        "consent": _consent(conn, cid, policy, channels),
+        "triggers": report_triggers, "decisions": decisions, "messages": messages,
     }
 
 

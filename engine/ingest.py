@@ -1,4 +1,5 @@
-"""Ingestion: bulk upserts of customers, memberships and events, shared by the API and CSV import.
+"""Ingestion: bulk upserts of customers, memberships and events, and consent entries, shared by
+the API and CSV import.
 
 Each call is one transaction: a batch lands whole or not at all, and batches are independent.
 Rows are validated by the pydantic models first; rows that reference unknown customers are
@@ -9,10 +10,10 @@ tick reads.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import Connection, Engine, Float, cast, func, select, update
@@ -22,9 +23,10 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from engine.clock import Clock, utc_naive
 from engine.config import valid_timezone
 from engine.db import bump_counter
-from engine.models import Customer, Event, Membership, table
+from engine.models import ConsentEntry, Customer, Event, Membership, table
 
-__all__ = ["CustomerIn", "EventIn", "IngestResult", "Ingestor", "MembershipIn", "RowError"]
+__all__ = ["ConsentIn", "CustomerIn", "EventIn", "IngestResult", "Ingestor", "MembershipIn",
+           "RowError"]
 
 CHUNK = 500
 T = TypeVar("T")
@@ -92,6 +94,25 @@ class EventIn(_In):
     kind: str = Field(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_]*$")
     occurred_at: datetime
     properties: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("occurred_at")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        return utc_naive(value)
+
+
+class ConsentIn(_In):
+    """A consent given or withdrawn: appended to the consent log, never overwriting."""
+
+    customer_external_id: str = Field(min_length=1, max_length=128)
+    channel: str = Field(min_length=1, max_length=32)
+    purpose: Literal["marketing", "transactional"] = "marketing"
+    granted: bool = Field(strict=True)
+    occurred_at: datetime
+    source: str = Field(default="api", min_length=1, max_length=64,
+                        description="where it was given, e.g. signup_form, front_desk")
+    wording_version: str | None = Field(default=None, max_length=64,
+                                        description="the version of the text the customer saw")
 
     @field_validator("occurred_at")
     @classmethod
@@ -189,6 +210,31 @@ class Ingestor:
             for chunk in _chunks(plain):
                 conn.execute(table(Event).insert(), chunk)
             self._refresh(conn, {p["customer_id"] for p in payload}, now)
+        result.written = len(payload)
+        return result
+
+    def consents(self, rows: Sequence[ConsentIn],
+                 channels: Collection[str] | None = None) -> IngestResult:
+        """Append consent entries; channels outside `channels` (when given) are errors."""
+        result = IngestResult()
+        with self.engine.begin() as conn:
+            ids = _customer_ids(conn, (r.customer_external_id for r in rows))
+            payload: list[dict[str, Any]] = []
+            for i, r in enumerate(rows):
+                cid = ids.get(r.customer_external_id)
+                if cid is None:
+                    result.errors.append(
+                        RowError(i, f"unknown customer {r.customer_external_id!r}"))
+                elif channels is not None and r.channel not in channels:
+                    result.errors.append(RowError(
+                        i, f"unknown channel {r.channel!r} (known: {', '.join(sorted(channels))})"))
+                else:
+                    payload.append({**r.model_dump(exclude={"customer_external_id"}),
+                                    "customer_id": cid})
+            if result.errors:
+                return result
+            for chunk in _chunks(payload):
+                conn.execute(table(ConsentEntry).insert(), list(chunk))
         result.written = len(payload)
         return result
 

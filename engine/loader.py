@@ -33,7 +33,14 @@ from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
 from pydantic_core import CoreSchema, ErrorDetails
 
 from engine.conditions import Condition, ConditionError, compile_condition
-from engine.config import ChannelsFile, ClubFile, LifecycleFile, ProjectConfig, StageDef
+from engine.config import (
+    ChannelsFile,
+    ClubFile,
+    LifecycleFile,
+    PolicyFile,
+    ProjectConfig,
+    StageDef,
+)
 from engine.rulefile import FORMAT_VERSION, Action, RuleFile, Trigger, Variant
 from engine.templates import TemplateStore
 from engine.yamlsource import YamlDocument, YamlPath, read_yaml
@@ -495,17 +502,21 @@ def _compile_conditions(src: _Source, raw: Any, path: YamlPath, trigger: str | N
 
 def load_config(config_dir: Path, *, known_adapters: set[str] | None = None,
                 ) -> tuple[ProjectConfig | None, list[Diagnostic]]:
-    """Read club.yaml, lifecycle.yaml and channels.yaml; None (and why) when any is broken."""
+    """Read club.yaml, lifecycle.yaml, channels.yaml and the optional policy.yaml; None (and
+    why) when any is broken."""
     diags: list[Diagnostic] = []
     parts: dict[str, BaseModel] = {}
     docs: dict[str, _Source] = {}
     models: tuple[tuple[str, type[BaseModel]], ...] = (
-        ("club", ClubFile), ("lifecycle", LifecycleFile), ("channels", ChannelsFile))
+        ("club", ClubFile), ("lifecycle", LifecycleFile), ("channels", ChannelsFile),
+        ("policy", PolicyFile))
+    optional = {"policy"}
     for name, model in models:
         path = Path(config_dir) / f"{name}.yaml"
         shown = _display(path)
         if not path.is_file():
-            diags.append(Diagnostic(shown, 1, 1, "missing config file"))
+            if name not in optional:
+                diags.append(Diagnostic(shown, 1, 1, "missing config file"))
             continue
         try:
             doc = read_yaml(path)
@@ -541,12 +552,40 @@ def load_config(config_dir: Path, *, known_adapters: set[str] | None = None,
                 diags.append(src.diagnostic(_Finding(
                     where, f"unknown channel adapter '{ch.adapter}' ({hint}known: "
                            f"{', '.join(sorted(known_adapters))})")))
-    if diags or len(parts) < len(models):
+    policy = parts.get("policy")
+    if isinstance(policy, PolicyFile) and isinstance(channels, ChannelsFile):
+        src = docs["policy"]
+        for name in sorted(policy.channel_names() - set(channels.channels)):
+            diags.append(src.diagnostic(_Finding(
+                _policy_path(policy, name), f"unknown channel '{name}' (channels.yaml has: "
+                                            f"{', '.join(sorted(channels.channels))})")))
+    if diags or len(parts) < len(models) - len(optional - set(docs)):
         return None, sorted(diags, key=_order)
     assert isinstance(club, ClubFile) and isinstance(channels, ChannelsFile)
     lifecycle_model = parts["lifecycle"]
     assert isinstance(lifecycle_model, LifecycleFile)
+    if isinstance(policy, PolicyFile):
+        return ProjectConfig(club, lifecycle_model, channels, policy), []
     return ProjectConfig(club, lifecycle_model, channels), []
+
+
+def _policy_path(policy: PolicyFile, channel: str) -> YamlPath:
+    """Where `channel` first appears in the policy file, for its diagnostic."""
+    if channel in policy.quiet_hours:
+        return ("quiet_hours", channel)
+    if channel in policy.cost:
+        return ("cost", channel)
+    if channel in policy.consent.marketing:
+        return ("consent", "marketing", channel)
+    for i, cap in enumerate(policy.frequency_caps):
+        if cap.channel == channel:
+            return ("frequency_caps", i, "channel")
+    for name, seg in policy.segments.items():
+        if channel in seg.max_per_cycle:
+            return ("segments", name, "max_per_cycle", channel)
+        if seg.channels and channel in seg.channels:
+            return ("segments", name, "channels", seg.channels.index(channel))
+    return ()
 
 
 # --- rules ------------------------------------------------------------------------------------

@@ -241,6 +241,8 @@ class Occurrence(Base):
     channel: Mapped[str | None] = mapped_column(String(32))
     status: Mapped[str] = mapped_column(String(16), default=OccurrenceStatus.MESSAGE)
     reason: Mapped[str | None] = mapped_column(String(256))
+    # the contact policy's deferral (quiet hours): the message is not sent before this instant
+    not_before: Mapped[datetime | None]
 
     __table_args__ = (
         UniqueConstraint("trigger_id", "customer_id", "scope_key"),
@@ -268,6 +270,7 @@ class Message(Base):
     sent_at: Mapped[datetime | None]
     provider_message_id: Mapped[str | None] = mapped_column(String(128))
     last_error: Mapped[str | None] = mapped_column(Text)
+    cost: Mapped[float | None]  # the channel's cost per message (config/policy.yaml)
 
     __table_args__ = (Index(None, "status", "due_at"), Index(None, "customer_id", "created_at"))
 

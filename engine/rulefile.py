@@ -207,6 +207,8 @@ class Action(Strict):
     channel: str = Field(min_length=1, max_length=32)
     template: str = Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_./-]*$")
     fallback: list[str] = Field(default_factory=list, max_length=5)
+    # in the channel's quiet hours: wait for them to end, or go on the first fallback open now
+    in_quiet_hours: Literal["wait", "fallback"] = "wait"
 
 
 class Variant(Strict):

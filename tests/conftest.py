@@ -16,7 +16,14 @@ from sqlalchemy import Engine, text
 
 from engine.clock import FixedClock
 from engine.conditions import Condition, compile_condition
-from engine.config import ChannelsFile, ClubFile, LifecycleFile, ProjectConfig
+from engine.config import (
+    ChannelsFile,
+    ClubFile,
+    ConsentDefaults,
+    LifecycleFile,
+    PolicyFile,
+    ProjectConfig,
+)
 from engine.db import make_engine, migrate
 from engine.models import Base
 from engine.rulefile import Trigger
@@ -59,14 +66,21 @@ def _yaml(path: Path) -> Any:
     return YAML(typ="safe", pure=True).load(path.read_text(encoding="utf-8"))
 
 
+OPEN_POLICY = PolicyFile(consent=ConsentDefaults(marketing_otherwise="granted"), quiet_hours={},
+                         frequency_caps=[], cycle_budget=None)
+
+
 @pytest.fixture(scope="session")
 def project_config() -> ProjectConfig:
-    """The repository's own config/ directory, validated by the models."""
+    """The repository's own config/ directory, validated by the models, with a contact policy
+    that lets everything through (consent by default, no quiet hours, caps or budget): tests of
+    evaluation see evaluation alone; tests of the policy set their own."""
     cfg = ROOT / "config"
     return ProjectConfig(
         club=ClubFile.model_validate(_yaml(cfg / "club.yaml")),
         lifecycle=LifecycleFile.model_validate(_yaml(cfg / "lifecycle.yaml")),
         channels=ChannelsFile.model_validate(_yaml(cfg / "channels.yaml")),
+        policy=OPEN_POLICY,
     )
 
 

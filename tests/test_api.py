@@ -153,6 +153,12 @@ def seed(api: Api) -> None:
         {"external_id": "m-bob", "customer_external_id": "bob", "plan": "monthly", "price": 40,
          "starts_on": str(today - timedelta(days=300)), "ends_on": str(today + timedelta(14))},
     ]}).json() == {"written": 2}
+    # Bob said yes to SMS at the front desk (the club's policy needs an explicit yes for SMS)
+    assert api.post("/v1/consents/bulk", {"items": [
+        {"customer_external_id": "bob", "channel": "sms", "granted": True,
+         "occurred_at": "2025-05-06T10:00:00+02:00", "source": "front_desk",
+         "wording_version": "2025-01"},
+    ]}).json() == {"written": 1}
 
 
 # the key -----------------------------------------------------------------------------------------
@@ -161,7 +167,9 @@ def test_every_endpoint_needs_the_key(served: str) -> None:
     with httpx.Client(base_url=served, trust_env=False) as anonymous:
         for method, path in [("GET", "/v1/triggers"), ("GET", "/v1/triggers/welcome/preview"),
                              ("POST", "/v1/customers/bulk"), ("POST", "/v1/tick"),
-                             ("GET", "/v1/customers/ann/messages"), ("GET", "/v1/nothing")]:
+                             ("GET", "/v1/customers/ann/messages"),
+                             ("GET", "/v1/customers/ann/explain"),
+                             ("POST", "/v1/consents/bulk"), ("GET", "/v1/nothing")]:
             response = anonymous.request(method, path, json={"items": [{"bad": 1}]})
             assert response.status_code == 401, path
             assert response.json() == {
@@ -398,6 +406,9 @@ def test_customer_messages_with_outcomes_newest_first(api: Api) -> None:
     api.post("/v1/memberships/bulk", {"items": [{
         "external_id": "m-ann", "customer_external_id": "ann", "plan": "annual", "price": 480,
         "starts_on": str(today - timedelta(days=7)), "ends_on": str(today + timedelta(days=10))}]})
+    api.post("/v1/consents/bulk", {"items": [{
+        "customer_external_id": "ann", "channel": "sms", "granted": True,
+        "occurred_at": "2026-03-08T12:00:00Z", "source": "app"}]})
     assert api.post("/v1/tick", {}).json()["occurrences"]["renewal-entry"] == 1
 
     messages = api.get("/v1/customers/ann/messages").json()["messages"]
@@ -424,3 +435,47 @@ def test_the_server_answers_concurrent_clients(api: Api) -> None:
 
     with ThreadPoolExecutor(4) as pool:
         assert set(pool.map(fetch, range(8))) == {200}
+
+
+def test_explain_names_the_policy_that_stopped_a_trigger(api: Api) -> None:
+    seed(api)
+    # Ann's membership ends in 10 days, but she never said yes to SMS
+    today = api.clock.now().date()
+    api.post("/v1/memberships/bulk", {"items": [{
+        "external_id": "m-ann", "customer_external_id": "ann", "plan": "annual", "price": 480,
+        "starts_on": str(today - timedelta(days=355)),
+        "ends_on": str(today + timedelta(days=10))}]})
+    tick = api.post("/v1/tick", {"kind": "full"}).json()
+    assert tick["occurrences"]["renewal-entry"] == 2 and tick["stopped"] == {"channel": 1}
+    story = api.get("/v1/customers/ann/explain").json()
+    assert story["stage"]["recorded"] == "renewal_due"
+    assert [(d["trigger"], d["status"], d["reason"]) for d in story["decisions"]] == [
+        ("renewal-entry", "skipped", "no_consent (sms)")]
+    consent = {(c["channel"], c["purpose"]): (c["granted"], c["source"])
+               for c in story["consent"]}
+    assert consent[("sms", "marketing")] == (False, "policy default")
+    assert consent[("email", "marketing")] == (True, "policy default")
+    renewal = next(t for t in story["triggers"] if t["trigger"] == "renewal-entry")
+    assert renewal["verdict"].endswith("(skipped: no_consent (sms))")
+    assert story["messages"] == []
+    assert api.get("/v1/customers/nobody/explain").status_code == 404
+
+
+def test_consent_batches_name_unknown_customers_and_channels(api: Api) -> None:
+    seed(api)
+    response = api.post("/v1/consents/bulk", {"items": [
+        {"customer_external_id": "ann", "channel": "sms", "granted": True,
+         "occurred_at": "2026-03-01T10:00:00Z"},
+        {"customer_external_id": "ghost", "channel": "sms", "granted": True,
+         "occurred_at": "2026-03-01T10:00:00Z"},
+        {"customer_external_id": "ann", "channel": "fax", "granted": True,
+         "occurred_at": "2026-03-01T10:00:00Z"}]})
+    assert response.status_code == 422
+    assert [(e["loc"], e["msg"]) for e in response.json()["detail"]] == [
+        (["body", "items", 1, "customer_external_id"], "unknown customer 'ghost'"),
+        (["body", "items", 2, "channel"], "unknown channel 'fax' (known: chat, email, sms)")]
+    response = api.post("/v1/consents/bulk", {"items": [
+        {"customer_external_id": "ann", "channel": "sms", "granted": "yes",
+         "occurred_at": "2026-03-01T10:00:00Z"}]})
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "items", 0, "granted"]

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-24 19:19:02.381034
+Create Date: 2026-11-25 19:28:30.712025
 """
 
 from __future__ import annotations
@@ -246,6 +246,7 @@ def upgrade() -> None:
         sa.Column("channel", sa.String(length=32), nullable=True),
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("reason", sa.String(length=256), nullable=True),
+        sa.Column("not_before", sa.DateTime(), nullable=True),
         sa.ForeignKeyConstraint(
             ["customer_id"], ["customers.id"], name=op.f("fk_occurrences_customer_id_customers")
         ),
@@ -314,6 +315,7 @@ def upgrade() -> None:
         sa.Column("sent_at", sa.DateTime(), nullable=True),
         sa.Column("provider_message_id", sa.String(length=128), nullable=True),
         sa.Column("last_error", sa.Text(), nullable=True),
+        sa.Column("cost", sa.Double(), nullable=True),
         sa.ForeignKeyConstraint(
             ["customer_id"], ["customers.id"], name=op.f("fk_outbox_customer_id_customers")
         ),

@@ -1,0 +1,340 @@
+"""The contact policy: between evaluation and the outbox, set-wise, in the tick's transaction.
+
+For the occurrences a tick has just written, in this order, each step one or a few statements
+over all of them (never a round trip per customer):
+
+1. **channel**: the first of the trigger's (or variant's) channel and its fallbacks that the
+   customer can receive: a contact point, consent for the trigger's purpose (the latest
+   `consent_log` entry, else the channel's default in `config/policy.yaml`), allowed for the
+   customer's segment, and, for a trigger with `in_quiet_hours: fallback`, open now in the
+   customer's time zone. None: `skipped` with each channel's reason
+   (`no_consent (sms); no_contact_point (email)`).
+2. **quiet hours**: a message due while its channel is closed in the customer's local time is
+   deferred to the next local opening (`deferred: quiet_hours until 2026-03-09T08:00-07:00`);
+   the outbox message is due then. Local times come from `zoneinfo`, so daylight-saving days
+   are right. Customers without a time zone use the club's.
+3. **budgets and caps** (marketing only): the per-cycle contact budget, each segment's per-channel
+   cycle caps, then each frequency cap. Where a customer's new occurrences exceed what is left,
+   the higher `priority` wins (ties: trigger id), and the rest are `skipped` with the reason:
+   `cycle_budget 15/15` or `frequency_cap 1 per 1d` when nothing was left before this tick,
+   `lower_priority than <trigger>` when a higher-priority trigger of the same tick took the room.
+
+Every skipped occurrence keeps its reason; deferred ones keep theirs while they are messages.
+Counting for caps and budgets takes every earlier message that was not refused before leaving
+(status other than `failed`), including messages deferred to later.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import (
+    Boolean,
+    ColumnElement,
+    Connection,
+    DateTime,
+    String,
+    and_,
+    case,
+    func,
+    literal,
+    not_,
+    null,
+    or_,
+    select,
+    true,
+    update,
+)
+
+from engine.config import PolicyFile, QuietHours
+from engine.models import (
+    ConsentEntry,
+    Customer,
+    Message,
+    MessageStatus,
+    Occurrence,
+    OccurrenceStatus,
+    table,
+)
+from engine.rulefile import Trigger
+
+__all__ = ["ContactPolicy", "PolicyReport", "next_opening"]
+
+InZones = Callable[[Collection[str]], ColumnElement[bool]]
+ByZone = Callable[[dict[str, Any], Any], ColumnElement[Any]]
+
+MESSAGE = str(OccurrenceStatus.MESSAGE)
+SKIPPED = str(OccurrenceStatus.SKIPPED)
+NO_CONTACT = "no_contact_point"
+
+
+def next_opening(window: QuietHours, tz: str, now: datetime) -> datetime | None:
+    """The next instant (UTC, naive) `window` opens in zone `tz` after `now`; None if open now."""
+    zone = ZoneInfo(tz)
+    local = now.replace(tzinfo=UTC).astimezone(zone)
+    if window.is_open(local.time()):
+        return None
+    for days in range(3):
+        day = local.date() + timedelta(days=days)
+        opening = datetime.combine(day, window.start, tzinfo=zone)
+        # a start inside a spring-forward gap: zoneinfo reads it with the earlier offset
+        if opening > local:
+            return opening.astimezone(UTC).replace(tzinfo=None)
+    raise AssertionError("a daily window opens within two days")  # pragma: no cover
+
+
+def _local_label(instant: datetime, tz: str) -> str:
+    """`2026-03-09T08:00-07:00`: the local time a marketer reads, with its offset."""
+    local = instant.replace(tzinfo=UTC).astimezone(ZoneInfo(tz))
+    return local.isoformat(timespec="minutes")
+
+
+@dataclass
+class PolicyReport:
+    """What the policy did in one tick."""
+
+    deferred: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)  # reason kind -> count
+
+    def skip(self, kind: str, count: int) -> None:
+        if count:
+            self.skipped[kind] = self.skipped.get(kind, 0) + count
+
+
+class ContactPolicy:
+    """The policy of `config/policy.yaml` for one rule set."""
+
+    def __init__(self, policy: PolicyFile, contact: Mapping[str, str],
+                 triggers: Sequence[Trigger]) -> None:
+        self.policy = policy
+        self.contact = dict(contact)  # channel -> customer column holding its contact point
+        self.triggers = {t.id: t for t in triggers}
+        self.marketing = sorted(t.id for t in triggers if t.purpose == "marketing")
+
+    # the tick's step -----------------------------------------------------------------------------
+
+    def apply(self, conn: Connection, tick_id: int, now: datetime, zones: Collection[str],
+              default_tz: str, in_zones: InZones, by_zone: ByZone) -> PolicyReport:
+        """Decide channel, deferral and budgets for the occurrences of tick `tick_id`."""
+        report = PolicyReport()
+        o = table(Occurrence)
+        fired = {row[0] for row in conn.execute(
+            select(o.c.trigger_id).where(o.c.tick_id == tick_id).distinct())}
+        closed = {name: {tz for tz in zones if next_opening(window, tz, now) is not None}
+                  for name, window in self.policy.quiet_hours.items()}
+        for trigger_id in sorted(fired):
+            trig = self.triggers.get(trigger_id)
+            if trig is not None:
+                self._choose_channel(conn, tick_id, trig, closed, in_zones, report)
+        self._defer(conn, tick_id, now, zones, closed, in_zones, by_zone, report)
+        if self.marketing:
+            self._budgets(conn, tick_id, now, report)
+        return report
+
+    # 1. channel ----------------------------------------------------------------------------------
+
+    def _choose_channel(self, conn: Connection, tick_id: int, trig: Trigger,
+                        closed: dict[str, set[str]], in_zones: InZones,
+                        report: PolicyReport) -> None:
+        o = table(Occurrence)
+        c = table(Customer)
+        undecided = or_(o.c.status == MESSAGE,
+                        and_(o.c.status == SKIPPED, o.c.reason == NO_CONTACT))
+        mine = and_(o.c.tick_id == tick_id, o.c.trigger_id == trig.id,
+                    c.c.id == o.c.customer_id, undecided)
+        lists: dict[str, list[str]] = {name: [v.channel, *trig.action.fallback]
+                                       for name, v in trig.variants.items() if v.channel}
+        wait = trig.action.in_quiet_hours == "wait"
+
+        def choice(channels: list[str]) -> ColumnElement[Any]:
+            names = list(dict.fromkeys(channels))
+            whens = [(self._can(ch, trig, c, closed, in_zones, quiet=not wait), literal(ch))
+                     for ch in names]
+            if not wait:  # nothing open now: wait for the first channel that is otherwise fine
+                whens += [(self._can(ch, trig, c, closed, in_zones, quiet=False), literal(ch))
+                          for ch in names]
+            return case(*whens, else_=null())
+
+        default = choice([trig.action.channel, *trig.action.fallback])
+        channel = case(*((o.c.variant == name, choice(chs)) for name, chs in lists.items()),
+                       else_=default) if lists else default
+        conn.execute(update(o).where(mine).values(channel=channel))
+        # the occurrences no channel can take: why, channel by channel
+        reasons = self._reasons(trig, lists, c, closed, in_zones, wait, o)
+        result = conn.execute(update(o).where(mine, o.c.channel.is_(None))
+                              .values(status=SKIPPED, reason=reasons))
+        report.skip("channel", int(result.rowcount or 0))
+        conn.execute(update(o).where(mine, o.c.channel.is_not(None))
+                     .values(status=MESSAGE, reason=null()))
+
+    def _reasons(self, trig: Trigger, variant_lists: dict[str, list[str]], c: Any,
+                 closed: dict[str, set[str]], in_zones: InZones, wait: bool,
+                 o: Any) -> ColumnElement[Any]:
+        def joined(channels: list[str]) -> ColumnElement[Any]:
+            parts: ColumnElement[Any] | None = None
+            for ch in dict.fromkeys(channels):
+                one = self._why_not(ch, trig, c, closed, in_zones, quiet=not wait)
+                parts = one if parts is None else parts + literal("; ") + one
+            assert parts is not None
+            return parts
+
+        default = joined([trig.action.channel, *trig.action.fallback])
+        if not variant_lists:
+            return default
+        return case(*((o.c.variant == name, joined(chs)) for name, chs in variant_lists.items()),
+                    else_=default)
+
+    def _has_contact(self, channel: str, c: Any) -> ColumnElement[bool]:
+        column = c.c[self.contact[channel]]
+        return and_(column.is_not(None), column != "")
+
+    def _segment_allows(self, channel: str, c: Any) -> ColumnElement[bool]:
+        barred = sorted(name for name, seg in self.policy.segments.items()
+                        if seg.channels is not None and channel not in seg.channels)
+        if not barred:
+            return true()
+        return or_(c.c.segment.is_(None), c.c.segment.not_in(barred))
+
+    def _consents(self, channel: str, trig: Trigger, c: Any) -> ColumnElement[bool]:
+        cl = table(ConsentEntry)
+        o = table(Occurrence)  # correlated on the row being updated, not on the joined customer
+        latest = (select(cl.c.granted)
+                  .where(cl.c.customer_id == o.c.customer_id, cl.c.channel == channel,
+                         cl.c.purpose == trig.purpose)
+                  .order_by(cl.c.id.desc()).limit(1).scalar_subquery())
+        default = self.policy.consent.granted_by_default(channel, trig.purpose)
+        return func.coalesce(latest, literal(default, Boolean())).is_(True)
+
+    def _open_now(self, channel: str, trig: Trigger, closed: dict[str, set[str]],
+                  in_zones: InZones) -> ColumnElement[bool]:
+        zones = closed.get(channel) if self._quiet_applies(trig) else None
+        return not_(in_zones(sorted(zones))) if zones else true()
+
+    def _quiet_applies(self, trig: Trigger) -> bool:
+        return trig.purpose == "marketing" or self.policy.transactional_quiet_hours
+
+    def _can(self, channel: str, trig: Trigger, c: Any, closed: dict[str, set[str]],
+             in_zones: InZones, *, quiet: bool) -> ColumnElement[bool]:
+        checks = [self._has_contact(channel, c), self._segment_allows(channel, c),
+                  self._consents(channel, trig, c)]
+        if quiet:
+            checks.append(self._open_now(channel, trig, closed, in_zones))
+        return and_(*checks)
+
+    def _why_not(self, channel: str, trig: Trigger, c: Any, closed: dict[str, set[str]],
+                 in_zones: InZones, *, quiet: bool) -> ColumnElement[Any]:
+        whens = [(not_(self._has_contact(channel, c)), literal(f"{NO_CONTACT} ({channel})")),
+                 (not_(self._segment_allows(channel, c)),
+                  func.coalesce(literal("segment ") + c.c.segment, literal("segment"))
+                  + literal(f" excludes {channel}")),
+                 (not_(self._consents(channel, trig, c)), literal(f"no_consent ({channel})"))]
+        if quiet:
+            whens.append((not_(self._open_now(channel, trig, closed, in_zones)),
+                          literal(f"quiet_hours ({channel})")))
+        return case(*whens, else_=literal(f"unavailable ({channel})"))
+
+    # 2. quiet hours ------------------------------------------------------------------------------
+
+    def _defer(self, conn: Connection, tick_id: int, now: datetime, zones: Collection[str],
+               closed: dict[str, set[str]], in_zones: InZones, by_zone: ByZone,
+               report: PolicyReport) -> None:
+        o = table(Occurrence)
+        c = table(Customer)
+        applies = [t for t, trig in self.triggers.items() if self._quiet_applies(trig)]
+        for channel, window in self.policy.quiet_hours.items():
+            shut = sorted(closed.get(channel, ()))
+            if not shut or not applies:
+                continue
+            until = {tz: next_opening(window, tz, now) for tz in shut}
+            labels = {tz: f"deferred: quiet_hours until {_local_label(at, tz)}"
+                      for tz, at in until.items() if at is not None}
+            result = conn.execute(
+                update(o).where(o.c.tick_id == tick_id, o.c.status == MESSAGE,
+                                o.c.channel == channel, o.c.trigger_id.in_(applies),
+                                c.c.id == o.c.customer_id, in_zones(shut))
+                .values(not_before=by_zone(until, DateTime()), reason=by_zone(labels, String())))
+            report.deferred += int(result.rowcount or 0)
+
+    # 3. budgets and caps -------------------------------------------------------------------------
+
+    def _budgets(self, conn: Connection, tick_id: int, now: datetime,
+                 report: PolicyReport) -> None:
+        o = table(Occurrence)
+        m = table(Message)
+        mo = table(Occurrence).alias("counted")
+        counted = and_(m.c.trigger_id.in_(self.marketing), m.c.status != MessageStatus.FAILED)
+        if self.policy.cycle_budget is not None:
+            used = (select(func.count()).select_from(m.join(mo, mo.c.id == m.c.occurrence_id))
+                    .where(m.c.customer_id == o.c.customer_id, counted,
+                           mo.c.membership_id.is_not_distinct_from(o.c.membership_id))
+                    .scalar_subquery())
+            k = self.policy.cycle_budget
+            report.skip("cycle_budget", self._limit(
+                conn, tick_id, k, used, by_channel=False, label=f"cycle_budget {k}/{k}"))
+        for name, seg in sorted(self.policy.segments.items()):
+            for channel, k in sorted(seg.max_per_cycle.items()):
+                used = (select(func.count())
+                        .select_from(m.join(mo, mo.c.id == m.c.occurrence_id))
+                        .where(m.c.customer_id == o.c.customer_id, counted,
+                               m.c.channel == channel,
+                               mo.c.membership_id.is_not_distinct_from(o.c.membership_id))
+                        .scalar_subquery())
+                report.skip("segment_budget", self._limit(
+                    conn, tick_id, k, used, by_channel=True,
+                    label=f"segment_budget {name}: {channel} {k}/{k}",
+                    where=[o.c.channel == channel, self._in_segment(o, name)]))
+        for cap in self.policy.frequency_caps:
+            since = now - cap.per
+            scope = [m.c.channel == cap.channel] if cap.channel else []
+            used = (select(func.count()).select_from(m)
+                    .where(m.c.customer_id == o.c.customer_id, counted, m.c.due_at > since,
+                           *scope)
+                    .scalar_subquery())
+            report.skip("frequency_cap", self._limit(
+                conn, tick_id, cap.max, used, by_channel=cap.channel is not None,
+                label=f"frequency_cap {cap.label}",
+                where=[o.c.channel == cap.channel] if cap.channel else []))
+
+    @staticmethod
+    def _in_segment(o: Any, segment: str) -> ColumnElement[bool]:
+        c = table(Customer)
+        inside: ColumnElement[bool] = o.c.customer_id.in_(
+            select(c.c.id).where(c.c.segment == segment))
+        return inside
+
+    def _priority(self, o: Any) -> ColumnElement[Any]:
+        groups: dict[int, list[str]] = {}
+        for trig in self.triggers.values():
+            groups.setdefault(trig.priority, []).append(trig.id)
+        return case(*((o.c.trigger_id.in_(sorted(ids)), literal(p))
+                      for p, ids in sorted(groups.items())), else_=literal(0))
+
+    def _limit(self, conn: Connection, tick_id: int, k: int, used: Any, *, by_channel: bool,
+               label: str, where: Sequence[ColumnElement[bool]] = ()) -> int:
+        """Skip this tick's marketing messages beyond `k` per customer (and channel), counting
+        `used` (correlated on the occurrence) first and the higher priorities of the tick next."""
+        o = table(Occurrence)
+        partition = [o.c.customer_id, o.c.channel] if by_channel else [o.c.customer_id]
+        order = [self._priority(o).desc(), o.c.trigger_id]
+        ranked = (select(o.c.id,
+                         func.row_number().over(partition_by=partition, order_by=order)
+                         .label("rank"),
+                         func.first_value(o.c.trigger_id).over(partition_by=partition,
+                                                               order_by=order).label("winner"),
+                         used.label("used"))
+                  .where(o.c.tick_id == tick_id, o.c.status == MESSAGE,
+                         o.c.trigger_id.in_(self.marketing), *where)
+                  .subquery("ranked"))
+        # `lower_priority` only when another trigger of this tick took the room
+        reason = case((or_(ranked.c.used >= k, ranked.c.winner == o.c.trigger_id),
+                       literal(label)),
+                      else_=literal("lower_priority than ") + ranked.c.winner)
+        result = conn.execute(
+            update(o).where(o.c.id == ranked.c.id, ranked.c.rank + ranked.c.used > k)
+            .values(status=SKIPPED, reason=reason, not_before=null()))
+        return int(result.rowcount or 0)
+
