@@ -4,6 +4,10 @@ Providers cap throughput per sender (a Twilio long code takes about 1 message a 
 toll-free number 3, a short code 100); sending faster only earns 429s. Each caller reserves a
 token under the lock and sleeps outside it, so concurrent senders queue up in arrival order and
 the lock is never held while sleeping.
+
+The buckets live in this process unless a `BucketStore` is set (`RateLimiter.store`): several
+dispatcher processes sending for the same sender then reserve from one bucket in the store (the
+dispatcher's is a row in the database), so together they keep to the sender's rate.
 """
 
 from __future__ import annotations
@@ -11,11 +15,20 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Hashable
+from typing import Protocol
 
-__all__ = ["RateLimiter"]
+__all__ = ["BucketStore", "RateLimiter"]
 
 _shared: dict[tuple[float, int], RateLimiter] = {}
 _shared_lock = threading.Lock()
+
+
+class BucketStore(Protocol):
+    """Token buckets kept outside the process, shared by every process that uses the store."""
+
+    def reserve(self, key: Hashable, rate_per_second: float, burst: int) -> float:
+        """Take one token for `key` now; the seconds the caller must wait before using it."""
+        ...
 
 
 class RateLimiter:
@@ -35,6 +48,7 @@ class RateLimiter:
         self._lock = threading.Lock()
         # key -> (tokens, at); tokens go negative while callers wait for reserved tokens
         self._buckets: dict[Hashable, tuple[float, float]] = {}
+        self.store: BucketStore | None = None  # set: the buckets are shared through it
 
     @classmethod
     def shared(cls, rate_per_second: float, burst: int = 1) -> RateLimiter:
@@ -47,6 +61,8 @@ class RateLimiter:
 
     def reserve(self, key: Hashable) -> float:
         """Take one token for `key` now; the seconds the caller must wait before using it."""
+        if self.store is not None:
+            return self.store.reserve(key, self.rate, self.burst)
         with self._lock:
             now = self._clock()
             tokens, at = self._buckets.get(key, (float(self.burst), now))

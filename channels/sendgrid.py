@@ -64,6 +64,10 @@ class SendGridSettings(ChannelSettings):
     rate_per_second: float | None = Field(default=None, gt=0)
     burst: int = Field(default=1, ge=1)
     errors_file: Path | None = None
+    # the Event Webhook's verification key (base64 DER, as SendGrid shows it; PEM also works)
+    # and how old a signed batch may be; read by engine.webhooks, not for sending
+    event_webhook_public_key: str | None = None
+    event_webhook_max_age: float = Field(default=300.0, gt=0)
 
     @field_validator("from_email")
     @classmethod

@@ -7,6 +7,12 @@ Every message moves queued -> claimed -> sending -> sent | failed | unknown, eac
   in `sending`, and `reconcile` marks it `unknown` instead of sending it again;
 - a claim that expires before `sending` is safe to claim again: no request left.
 
+Throughput comes from several worker processes (`touchpoints dispatch --workers N`), each a
+`Dispatcher` claiming its own batches (on SQLite `BEGIN IMMEDIATE` serialises the claims), and
+within each from a pool of `concurrency` sending threads. Processes that share a sender pace it
+together: `pacing=DatabaseBuckets(engine)` moves every channel's rate-limiter buckets into the
+database, one row per sender, so N processes keep to the sender's rate, not N times it.
+
 Sends overlap on a pool of `concurrency` threads. All database work stays on the calling thread:
 it marks a wave of up to `concurrency` messages `sending` in one UPDATE just before handing them to
 the pool, and records results in batches. A crash between marking a wave and its requests leaving
@@ -20,12 +26,15 @@ provider appends that withdrawal, in the same transaction as the outcome.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import queue
 import re
 import socket
+import time
 from collections import deque
-from collections.abc import Iterable, Mapping
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections.abc import Callable, Hashable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -35,6 +44,7 @@ from sqlalchemy import (
     Engine,
     and_,
     bindparam,
+    case,
     false,
     func,
     insert,
@@ -42,13 +52,16 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.exc import IntegrityError
 
 from channels.base import Channel, OutgoingMessage, SendResult, SendStatus, load_adapter
 from channels.errors import ErrorClass
+from channels.ratelimit import BucketStore, RateLimiter
 from engine.clock import Clock
 from engine.config import ChannelsFile
 from engine.models import (
     ConsentEntry,
+    Counter,
     Customer,
     Membership,
     Message,
@@ -58,7 +71,8 @@ from engine.models import (
 )
 from engine.templates import RenderError, TemplateStore
 
-__all__ = ["MARKETING", "NO_CONSENT", "DispatchReport", "Dispatcher", "build_channels"]
+__all__ = ["MARKETING", "NO_CONSENT", "DatabaseBuckets", "DispatchReport", "Dispatcher",
+           "build_channels"]
 
 MAX_RETRIES = 5
 MARKETING = "marketing"
@@ -76,6 +90,46 @@ _FINAL = (update(_OUTBOX).where(_OUTBOX.c.id == bindparam("b_id"))
 _AGAIN = (update(_OUTBOX).where(_OUTBOX.c.id == bindparam("b_id"))
           .values(status=MessageStatus.QUEUED, last_error=bindparam("b_error"),
                   due_at=bindparam("b_due"), claimed_by=None, claim_expires_at=None))
+
+
+class DatabaseBuckets:
+    """Senders' token buckets in the database, for dispatcher processes that share a sender.
+
+    Each bucket is one `counters` row holding the bucket's theoretical arrival time (GCRA) in
+    microseconds of the wall clock: a reservation moves it on by one interval in one UPDATE, so
+    processes queue up for the sender's slots as threads do in a `RateLimiter`. The processes
+    must share a clock: on one host they do; across hosts it is as good as NTP keeps it.
+    """
+
+    def __init__(self, engine: Engine, *, clock: Callable[[], float] = time.time) -> None:
+        self.engine = engine
+        self._clock = clock
+
+    @staticmethod
+    def name(key: Hashable) -> str:
+        """The counter row of `key` (names are at most 32 characters)."""
+        return "pace:" + hashlib.sha1(repr(key).encode()).hexdigest()[:27]
+
+    def reserve(self, key: Hashable, rate_per_second: float, burst: int) -> float:
+        """Take the next slot of `key`'s bucket; the seconds to wait for it."""
+        interval = round(1e6 / rate_per_second)
+        name = self.name(key)
+        c = table(Counter)
+        with self.engine.begin() as conn:
+            now = round(self._clock() * 1e6)  # after BEGIN: a wait for the lock is not counted
+            advance = (update(c).where(c.c.name == name)
+                       .values(value=case((c.c.value > now, c.c.value), else_=now) + interval)
+                       .returning(c.c.value))
+            tat = conn.execute(advance).scalar()
+            if tat is None:  # the first reservation: a new row (a racing insert retries)
+                try:
+                    with conn.begin_nested():
+                        conn.execute(insert(c).values(name=name, value=now + interval))
+                    tat = now + interval
+                except IntegrityError:
+                    tat = conn.execute(advance).scalar_one()
+        allowed = int(tat) - burst * interval  # the slot's start, less the burst allowance
+        return max(0, allowed - round(self._clock() * 1e6)) / 1e6
 
 
 def build_channels(config: ChannelsFile, overrides: Mapping[str, dict[str, Any]] | None = None,
@@ -96,6 +150,13 @@ class DispatchReport:
     retried: int = 0
     unknown: int = 0
     by_channel: dict[str, int] = field(default_factory=dict)
+
+    def add(self, other: DispatchReport) -> None:
+        """Add `other`'s counts to these."""
+        for name in ("claimed", "sent", "failed", "retried", "unknown"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for ch, n in other.by_channel.items():
+            self.by_channel[ch] = self.by_channel.get(ch, 0) + n
 
     def count(self, row: Row, status: SendStatus) -> None:
         """Count one message's result."""
@@ -118,14 +179,15 @@ def _send(channel: Channel, message: OutgoingMessage) -> SendResult:
 
 
 class Dispatcher:
-    """One worker; run as many as you like against PostgreSQL."""
+    """One worker; run as many as you like, in threads or processes, against one database."""
 
     def __init__(self, engine: Engine, templates: TemplateStore, channels: Mapping[str, Channel],
                  clock: Clock, *, club: Mapping[str, Any] | None = None,
                  trigger_descriptions: Mapping[str, str] | None = None,
                  trigger_purposes: Mapping[str, str] | None = None,
                  worker: str | None = None, claim_ttl: timedelta = timedelta(minutes=5),
-                 concurrency: int = 1) -> None:
+                 concurrency: int = 1, pacing: BucketStore | None = None,
+                 unsubscribe_url: Callable[[int, str], str | None] | None = None) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
         self.engine = engine
@@ -139,6 +201,13 @@ class Dispatcher:
         self.claim_ttl = claim_ttl
         self.concurrency = concurrency
         self._pool: ThreadPoolExecutor | None = None
+        # (customer id, channel) -> the link for List-Unsubscribe (engine.unsubscribe), or None
+        self.unsubscribe_url = unsubscribe_url
+        if pacing is not None:  # several processes share these senders: pace them together
+            for channel in channels.values():
+                limiter = getattr(channel, "limiter", None)
+                if isinstance(limiter, RateLimiter):
+                    limiter.store = pacing
 
     def run_once(self, batch_size: int = 500) -> DispatchReport:
         """Claim up to `batch_size` due messages and send them."""
@@ -181,10 +250,7 @@ class Dispatcher:
             report = self.run_once(batch_size)
             if not report.claimed:
                 return total
-            for name in ("claimed", "sent", "failed", "retried", "unknown"):
-                setattr(total, name, getattr(total, name) + getattr(report, name))
-            for ch, n in report.by_channel.items():
-                total.by_channel[ch] = total.by_channel.get(ch, 0) + n
+            total.add(report)
             if report.claimed == report.retried:
                 return total  # everything left is waiting for a retry time
 
@@ -293,10 +359,13 @@ class Dispatcher:
                             "description": self.descriptions.get(row["trigger_id"], "")}})
         except RenderError as exc:
             return SendResult(SendStatus.FAILED, error=f"render: {exc}")
+        link = None if self.unsubscribe_url is None \
+            else self.unsubscribe_url(row["customer_id"], row["channel"])
         return OutgoingMessage(
             message_id=row["id"], channel=row["channel"], recipient=row["recipient"],
             body=rendered.body, subject=rendered.subject, trigger_id=row["trigger_id"],
-            customer_external_id=ctx["customer"].get("external_id", "")), channel
+            customer_external_id=ctx["customer"].get("external_id", ""),
+            metadata={} if link is None else {"unsubscribe_url": link}), channel
 
     def _send_all(self, ready: deque[tuple[Row, OutgoingMessage, Channel]],
                   withdrawn: set[tuple[int, str]], blocked: list[Row],
@@ -306,6 +375,8 @@ class Dispatcher:
         An opt-out answer withdraws consent for the messages of the batch not yet sent.
         """
         in_flight: dict[Future[SendResult], Row] = {}
+        # completions arrive on a queue: waiting on every future in flight costs O(in flight)
+        completed: queue.SimpleQueue[Future[SendResult]] = queue.SimpleQueue()
         while ready or in_flight:
             if ready and len(in_flight) < self.concurrency:
                 wave: list[tuple[Row, OutgoingMessage, Channel]] = []
@@ -320,11 +391,15 @@ class Dispatcher:
                 marked = self._mark_sending_many([row["id"] for row, _, _ in wave])
                 for row, message, channel in wave:
                     if row["id"] in marked:
-                        in_flight[self._submit(channel, message)] = row
+                        future = self._submit(channel, message)
+                        in_flight[future] = row
+                        future.add_done_callback(completed.put)
                     else:
                         report.count(row, SendStatus.UNKNOWN)  # taken over: never send twice
             if in_flight:
-                done, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
+                done = [completed.get()]
+                while not completed.empty():
+                    done.append(completed.get())
                 for future in done:
                     row = in_flight.pop(future)
                     result = future.result()

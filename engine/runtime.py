@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from channels.base import Channel, adapter_names, load_adapter
+from channels.ratelimit import BucketStore
 from engine.clock import Clock, SystemClock
 from engine.config import ProjectConfig
 from engine.db import make_engine, migrate
@@ -21,6 +22,7 @@ from engine.ingest import Ingestor
 from engine.loader import Diagnostic, RuleSet, check_project
 from engine.settings import Settings
 from engine.templates import TemplateStore
+from engine.unsubscribe import unsubscribe_url_builder
 
 __all__ = ["ConfigError", "Runtime"]
 
@@ -88,11 +90,12 @@ class Runtime:
         return build_channels(self.config.channels, overrides)
 
     def dispatcher(self, channels: dict[str, Channel] | None = None, *,
-                   concurrency: int = 1) -> Dispatcher:
+                   concurrency: int = 1, pacing: BucketStore | None = None) -> Dispatcher:
         return Dispatcher(
             self.engine, self.templates, channels or self.channels(), self.clock,
             club={"name": self.config.club.name},
             trigger_descriptions={t.trigger.id: t.trigger.description
                                   for t in self.ruleset.triggers},
             trigger_purposes={t.trigger.id: t.trigger.purpose for t in self.ruleset.triggers},
-            concurrency=concurrency)
+            concurrency=concurrency, pacing=pacing,
+            unsubscribe_url=unsubscribe_url_builder(self.settings, self.config.channels))

@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     dispatch_interval_seconds: float = Field(default=5.0, gt=0)
     dispatch_batch_size: int = Field(default=500, gt=0)
     console_outbox_path: Path | None = None
+    # what the outside world calls us at (behind any proxy), e.g. https://tp.example.com
+    public_url: str | None = None
+    unsubscribe_secret: SecretStr | None = None  # signs the unsubscribe links in emails
+    telegram_webhook_secret: SecretStr | None = None  # X-Telegram-Bot-Api-Secret-Token
 
     def ensure_var_dir(self) -> None:
         """Create the directory of a SQLite database file if it is missing."""

@@ -3,12 +3,17 @@
 `Served.drop` closes one client's connection without an answer: an app calls
 `await drop_connection(request)` after reading the request, which the SDKs see as a remote
 disconnect after the request left.
+
+`Served(app, sock=listening_socket)` serves on a socket made elsewhere: several processes given
+the same listening socket share its connections (the benchmark's fakes do, so that one process's
+GIL does not cap what the fake can answer).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -26,22 +31,23 @@ DROP_KEY = "tests.fakes.drop"
 class Served:
     """`app` listening on a free port of 127.0.0.1 until `stop` (or the end of a with block)."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, sock: socket.socket | None = None) -> None:
         self.app = app
         config = uvicorn.Config(self._asgi, host="127.0.0.1", port=0, log_level="warning",
                                 lifespan="off", interface="asgi3", http="h11", ws="none",
                                 loop="asyncio", proxy_headers=False,
                                 timeout_graceful_shutdown=1, access_log=False)
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name="fake-provider", daemon=True)
+        self.thread = threading.Thread(target=self.server.run, name="fake-provider", daemon=True,
+                                       args=(None if sock is None else [sock],))
         self.thread.start()
         deadline = time.monotonic() + 10
         while not self.server.started:
             if not self.thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("the fake provider server did not start")
             time.sleep(0.005)
-        sockets = self.server.servers[0].sockets
-        self.port: int = sockets[0].getsockname()[1]
+        bound = sock if sock is not None else self.server.servers[0].sockets[0]
+        self.port: int = bound.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
 
     async def _asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
