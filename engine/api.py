@@ -3,14 +3,20 @@
     GET  /healthz                                  liveness (no key)
     POST /v1/customers/bulk                        upsert customers by external_id
     POST /v1/memberships/bulk                      upsert memberships by external_id
+    POST /v1/consents/bulk                         append consent given or withdrawn
     POST /v1/events/bulk                           record events (re-sending one with its
                                                    external_id is harmless)
     GET  /v1/triggers                              every trigger: state, errors, counters
     GET  /v1/triggers/{trigger_id}/preview         who the trigger would fire for now
     GET  /v1/customers/{external_id}/messages      the customer's messages and their outcomes
+    GET  /v1/customers/{external_id}/explain       the customer's whole story (`explain`)
+    GET  /v1/stats[?window_days=N]                 per-trigger lift vs holdout (`stats`)
     POST /v1/tick                                  run one tick now (e.g. after ingestion)
     POST /webhooks/...                             provider callbacks (engine.webhooks); each
                                                    checks its provider's signature, not the key
+    GET  /unsubscribe/{token}                      an email's unsubscribe link (engine.unsubscribe):
+    POST /unsubscribe/{token}                      a confirm page, then the withdrawal; the token
+                                                   is signed, no key
 
 Every other path needs the key of `TOUCHPOINTS_API_KEY` in the `X-API-Key` header; it is checked
 before the request body is read, and `create_app` refuses to build an app without a key, so the
@@ -29,6 +35,7 @@ from enum import StrEnum
 from typing import Annotated, Any, overload
 
 from fastapi import APIRouter, Body, FastAPI, HTTPException, Path, Query, Request, Security
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader
@@ -38,17 +45,21 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from engine import __version__
 from engine.evaluation import TickBusy, TickKind
+from engine.explain import explain_customer
 from engine.importer import describe_error
-from engine.ingest import CustomerIn, EventIn, IngestResult, MembershipIn
+from engine.ingest import ConsentIn, CustomerIn, EventIn, IngestResult, MembershipIn
 from engine.models import Customer, Message, Outcome, TriggerState, table
 from engine.rulefile import EventWhen, RelativeWhen, ScheduleWhen, StageWhen, Trigger
 from engine.runtime import Runtime
+from engine.unsubscribe import make_unsubscribe_router
 from engine.webhooks import make_webhook_router
 
 __all__ = ["API_KEY_HEADER", "MAX_ITEMS", "NoApiKey", "create_app"]
 
 API_KEY_HEADER = "X-API-Key"
 SIGNED_PREFIX = "/webhooks/"  # provider callbacks: each checks its provider's signature
+# paths that carry their own proof instead of the key: provider signatures, signed links
+SIGNED_PREFIXES = (SIGNED_PREFIX, "/unsubscribe/")
 MAX_ITEMS = 10_000
 # A 422 lists at most this many field errors; the message gives the total.
 MAX_REPORTED = 1_000
@@ -187,6 +198,8 @@ class TickOut(BaseModel):
     messages: int
     held_out: int
     skipped: int
+    deferred: int = Field(description="messages put off to after the channel's quiet hours")
+    stopped: dict[str, int] = Field(description="occurrences the contact policy skipped, by step")
     seconds: float
 
 
@@ -200,6 +213,10 @@ class MembershipsBatch(BaseModel):
 
 class EventsBatch(BaseModel):
     items: list[EventIn] = Field(max_length=MAX_ITEMS)
+
+
+class ConsentsBatch(BaseModel):
+    items: list[ConsentIn] = Field(max_length=MAX_ITEMS)
 
 
 # helpers -----------------------------------------------------------------------------------------
@@ -269,7 +286,7 @@ class _RequireApiKey:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
         if scope["type"] != "http" or path in self.open_paths \
-                or path.startswith(SIGNED_PREFIX):
+                or path.startswith(SIGNED_PREFIXES):
             await self.app(scope, receive, send)
             return
         given = next((value for name, value in scope["headers"] if name == self.header), None)
@@ -364,6 +381,32 @@ def create_app(runtime: Runtime) -> FastAPI:
         """Record events; one whose external_id was seen before is not stored again."""
         return _written(runtime.ingestor.events(batch.items), "customer_external_id")
 
+    @v1.post("/consents/bulk", tags=["ingestion"], response_model=BulkResult)
+    def consents_bulk(batch: ConsentsBatch) -> BulkResult | JSONResponse:
+        """Append consent entries (given or withdrawn); the latest per customer, channel and
+        purpose is the customer's current consent."""
+        result = runtime.ingestor.consents(batch.items, runtime.config.channels.channels)
+        if result.errors:
+            errors = [FieldError(
+                loc=["body", "items", e.index,
+                     "channel" if e.message.startswith("unknown channel") else
+                     "customer_external_id"],
+                msg=e.message, type="unknown_reference") for e in result.errors]
+            return _unprocessable(errors, f"{len(errors)} item(s) refer to unknown customers or "
+                                          "channels, nothing of this batch was written")
+        return BulkResult(written=result.written)
+
+    @v1.get("/stats", tags=["statistics"])
+    def stats(window_days: Annotated[int | None, Query(
+                  ge=1, le=3650, description="re-score every goal with this window")] = None,
+              ) -> dict[str, Any]:
+        """Per trigger, variant, stage, channel, segment and rule-file version: treated vs
+        holdout conversion, lift with its 95% interval, p-value (`touchpoints stats`)."""
+        from engine.stats import compute_stats, goals_of
+
+        return compute_stats(runtime.engine, goals_of(runtime.ruleset.triggers),
+                             window_days=window_days).as_dict()
+
     @v1.get("/triggers", tags=["triggers"], response_model=list[TriggerOut])
     def triggers() -> list[TriggerOut]:
         """Every trigger: loaded, disabled, broken (with its errors) and removed ones."""
@@ -449,6 +492,24 @@ def create_app(runtime: Runtime) -> FastAPI:
             provider_message_id=row["provider_message_id"], last_error=row["last_error"],
             outcomes=history[row["id"]]) for row in messages])
 
+    @v1.get("/customers/{external_id}/explain", tags=["customers"],
+            responses={404: {"model": Problem}})
+    def customer_explain(external_id: Annotated[str, Path(max_length=128)],
+                         trigger: Annotated[str | None, Query(max_length=128)] = None,
+                         ) -> JSONResponse:
+        """The customer's whole story: stage and stage history, each trigger's conditions with
+        the values seen, consent per channel, every policy decision with its reason, every
+        message with its outcomes."""
+        with runtime.engine.connect() as conn:
+            try:
+                report = explain_customer(
+                    conn, external_id, runtime.ruleset.triggers, runtime.evaluator.lifecycle,
+                    runtime.config.club.timezone, runtime.clock.now(), only=trigger,
+                    policy=runtime.config.policy, channels=list(runtime.config.channels.channels))
+            except LookupError as exc:
+                raise HTTPException(404, str(exc)) from None
+        return JSONResponse(jsonable_encoder(report))
+
     @v1.post("/tick", tags=["ticks"], response_model=TickOut,
              responses={409: {"model": Problem, "description": "another process is ticking"}})
     def tick(request: Annotated[TickRequest | None, Body()] = None) -> TickOut:
@@ -465,4 +526,5 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(v1)
     # provider callbacks carry the provider's signature instead of our key
     app.include_router(make_webhook_router(runtime))
+    app.include_router(make_unsubscribe_router(runtime))
     return app

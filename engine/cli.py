@@ -59,6 +59,11 @@ def _runtime(settings: Settings, clock: Clock) -> Any:
     return runtime
 
 
+def _wide(renderable: Any) -> None:
+    """Print a wide table whole, even when stdout is not a terminal (rich's default is 80)."""
+    Console(file=out.file, width=max(out.width, 120)).print(renderable)
+
+
 def _json(data: Any) -> None:
     out.print_json(json.dumps(data, default=str))
 
@@ -160,11 +165,49 @@ def tick(dry_run: Annotated[bool, typer.Option("--dry-run")] = False,
 
 
 @app.command()
-def dispatch(now: NowOpt = None) -> None:
+def dispatch(now: NowOpt = None,
+             workers: Annotated[int, typer.Option(
+                 min=1, help="dispatcher processes; they pace shared senders together")] = 1,
+             concurrency: Annotated[int, typer.Option(
+                 min=1, help="sending threads per process")] = 1) -> None:
     """Send every due message in the outbox once."""
-    runtime = _runtime(_settings(), _clock(now))
-    report = runtime.dispatcher().drain()
-    _json(report.__dict__)
+    settings = _settings()
+    runtime = _runtime(settings, _clock(now))  # checks the config, migrates the database once
+    if workers == 1:
+        dispatcher = runtime.dispatcher(concurrency=concurrency)
+        try:
+            report = dispatcher.drain()
+        finally:
+            dispatcher.close()
+        _json(report.__dict__)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from engine.dispatch import DispatchReport
+
+    runtime.engine.dispose()
+    total = DispatchReport()
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for part in pool.map(_drain_worker, [settings] * workers, [now] * workers,
+                             [concurrency] * workers):
+            total.add(part)
+    _json(total.__dict__)
+
+
+def _drain_worker(settings: Settings, now: datetime | None, concurrency: int) -> Any:
+    """One process of `dispatch --workers`: drain with senders paced through the database."""
+    from engine.dispatch import DatabaseBuckets
+    from engine.runtime import Runtime
+
+    runtime = Runtime.load(settings, _clock(now), migrate_db=False)
+    dispatcher = runtime.dispatcher(concurrency=concurrency,
+                                    pacing=DatabaseBuckets(runtime.engine))
+    try:
+        return dispatcher.drain()
+    finally:
+        dispatcher.close()
+        runtime.engine.dispose()
 
 
 @app.command()
@@ -179,7 +222,9 @@ def explain(customer: str, trigger: Annotated[str | None, typer.Argument()] = No
         try:
             report = explain_customer(conn, customer, runtime.ruleset.triggers,
                                       runtime.evaluator.lifecycle, runtime.config.club.timezone,
-                                      runtime.clock.now(), only=trigger)
+                                      runtime.clock.now(), only=trigger,
+                                      policy=runtime.config.policy,
+                                      channels=list(runtime.config.channels.channels))
         except LookupError as exc:
             err.print(str(exc))
             raise typer.Exit(1) from None
@@ -201,12 +246,26 @@ def explain(customer: str, trigger: Annotated[str | None, typer.Argument()] = No
             mark = "[green]pass[/]" if cond["passed"] else "[red]FAIL[/]"
             values = ", ".join(f"{k}={v!r}" for k, v in cond["values"].items())
             out.print(f"  {mark} {cond['condition']}  ({values})", highlight=False)
+    if report["consent"]:
+        out.print("\n[bold]consent[/]")
+        for entry in report["consent"]:
+            since = f" since {entry['since']:%Y-%m-%d}" if entry["since"] else ""
+            word = "[green]yes[/]" if entry["granted"] else "[red]no[/]"
+            out.print(f"  {entry['channel']} {entry['purpose']}: {word} ({entry['source']}"
+                      f"{since})", highlight=False)
+    if report["decisions"]:
+        out.print("\n[bold]policy decisions[/]")
+        for d in report["decisions"]:
+            out.print(f"  {d['at']:%Y-%m-%d %H:%M} {d['trigger']}: {d['status']}: {d['reason']}",
+                      highlight=False)
     if report["messages"]:
         out.print("\n[bold]messages[/]")
         for msg in report["messages"]:
-            trail = " -> ".join(o["status"] for o in msg["outcomes"])
+            trail = " -> ".join(o["status"] for o in msg["outcomes"]) or "no outcome yet"
+            due = f", due {msg['due_at']:%Y-%m-%d %H:%M}" if msg["due_at"] != msg["created_at"] \
+                else ""
             out.print(f"  #{msg['id']} {msg['created_at']:%Y-%m-%d %H:%M} {msg['trigger']} via "
-                      f"{msg['channel']}: {msg['status']} ({trail})", highlight=False)
+                      f"{msg['channel']}: {msg['status']}{due} ({trail})", highlight=False)
 
 
 @app.command()
@@ -227,30 +286,106 @@ def run(host: str = "127.0.0.1", port: int = 8000) -> None:
         scheduler.shutdown()
 
 
+class StatsFormat(StrEnum):
+    TABLE = "table"
+    CSV = "csv"
+    JSON = "json"
+
+
 @app.command()
-def demo(members: int = 300, days: int = 30, seed: int = 7,
+def stats(format: Annotated[StatsFormat, typer.Option(
+              "--format", help="output")] = StatsFormat.TABLE,
+          window_days: Annotated[int | None, typer.Option(
+              "--window-days", help="re-score every goal with this window")] = None,
+          now: NowOpt = None) -> None:
+    """Per trigger and variant: treated vs holdout conversion, lift with 95% CI, p-value;
+    CSV and JSON add the breakdowns by stage, channel, segment and rule-file version."""
+    from engine.stats import compute_stats, goals_of, render_csv, render_json, render_table
+
+    runtime = _runtime(_settings(), _clock(now))
+    result = compute_stats(runtime.engine, goals_of(runtime.ruleset.triggers), as_of=now,
+                           window_days=window_days)
+    if format is StatsFormat.CSV:
+        typer.echo(render_csv(result), nl=False)
+    elif format is StatsFormat.JSON:
+        typer.echo(render_json(result))
+    else:
+        _wide(render_table(result))
+
+
+@app.command()
+def backtest(start: Annotated[datetime, typer.Option("--from", help="first day (YYYY-MM-DD)")],
+             end: Annotated[datetime, typer.Option("--to", help="last day (YYYY-MM-DD)")],
+             rules: RulesOpt = None,
+             scratch: Annotated[Path | None, typer.Option(
+                 help="scratch SQLite file (default: a temporary one)")] = None,
+             hour: Annotated[int, typer.Option(
+                 help="tick hour (UTC) when the range has no stored ticks")] = 17,
+             per_day: Annotated[bool, typer.Option("--per-day", help="a row per day")] = False,
+             as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Replay the stored history with the given rule files on a virtual clock into a scratch
+    database: what would have gone out per day and trigger, on which channels, and what the
+    contact policy stopped. Nothing is sent."""
+    from engine.backtest import run_backtest
+
+    settings = _settings()
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=err) as progress:
+        task = progress.add_task("replaying ticks", total=None)
+        report = run_backtest(settings, start.date(), end.date(), rules_dir=rules,
+                              scratch=scratch, hour=hour,
+                              progress=lambda done, total: progress.update(
+                                  task, completed=done, total=total))
+    if as_json:
+        _json(report.as_dict())
+        return
+    rows = report.days if per_day else list(report.totals().values())
+    table = Table(*(["day"] if per_day else []), "trigger", "messages", "channels", "held out",
+                  "stopped (reason)", title=f"Backtest {report.start} .. {report.end} "
+                  f"({report.ticks} ticks, rules {report.rules_dir})")
+    for row in rows:
+        table.add_row(*([row.day.isoformat()] if per_day else []), row.trigger_id,
+                      str(row.messages),
+                      ", ".join(f"{k} {v}" for k, v in sorted(row.channels.items())),
+                      str(row.held_out),
+                      ", ".join(f"{k} {v}" for k, v in sorted(row.stopped.items())))
+    _wide(table)
+
+
+@app.command()
+def demo(members: Annotated[int | None, typer.Option(help="club size (config/demo.yaml)")] = None,
+         months: Annotated[int | None, typer.Option(help="months replayed")] = None,
+         seed: Annotated[int | None, typer.Option(help="random seed")] = None,
          workdir: Path = Path("var/demo")) -> None:
-    """The fitness-club demo: a generated club, a month on a virtual clock, a summary."""
+    """The fitness-club demo: a simulated club lives a year on a virtual clock through the engine;
+    then the per-trigger statistics against the planted effects, and an HTML report."""
     from engine.demo import run_demo
+    from engine.stats import render_table
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=err) as progress:
-        task = progress.add_task("simulating days", total=days)
-        report = run_demo(members=members, days=days, seed=seed, workdir=workdir,
-                          progress=lambda done, _total: progress.update(task, completed=done))
-    table = Table("trigger", "messages", title="Messages per trigger")
-    for trig, n in sorted(report.messages_by_trigger.items(), key=lambda kv: -kv[1]):
-        table.add_row(trig, str(n))
-    out.print(table)
+        task = progress.add_task("simulating days", total=None)
+        report = run_demo(members=members, months=months, seed=seed, workdir=workdir,
+                          progress=lambda done, total: progress.update(
+                              task, completed=done, total=total))
     out.print("channels: " + ", ".join(f"{k} {v}" for k, v in
                                        sorted(report.messages_by_channel.items())))
-    out.print(f"held out: {report.held_out}, skipped (no contact point): {report.skipped}")
-    out.print("stages now: " + ", ".join(f"{k} {v}" for k, v in sorted(report.stages.items())))
-    out.print(f"{report.members} members, {report.renewals} renewals, {report.lapses} lapses, "
-              f"{report.ticks} ticks over {report.days} days in {report.seconds:.1f} s")
+    out.print(f"{report.members} members, {sum(report.messages_by_trigger.values())} messages, "
+              f"{report.held_out} held out, {report.skipped} not sent (contact policy, no "
+              f"contact point), "
+              f"{report.renewals} renewals, {report.lapses} lapses; {report.ticks} ticks over "
+              f"{report.days} days")
+    if report.stats is not None:
+        _wide(render_table(report.stats, report.config.planted()))
     out.print(f"messages sent (console channel): {report.outbox_path}")
     out.print(f"database: {report.database_url}")
-
+    if report.report_path is not None:
+        out.print(f"report: {report.report_path}")
+    s = report.summary
+    out.print(f"time: ticks {s.tick_seconds:.1f} s, dispatch {s.dispatch_seconds:.1f} s, club "
+              f"simulation and ingestion {s.other_seconds:.1f} s, statistics and report "
+              f"{report.stats_seconds:.1f} s")
+    out.print(f"total run time: {report.seconds:.1f} s")
 
 if __name__ == "__main__":
     app()
