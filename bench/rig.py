@@ -12,7 +12,7 @@ from ruamel.yaml import YAML
 from triggers import TRIGGERS
 
 from engine.conditions import Condition, compile_condition
-from engine.config import ChannelsFile, ClubFile, LifecycleFile, ProjectConfig
+from engine.config import ChannelsFile, ClubFile, LifecycleFile, PolicyFile, ProjectConfig
 from engine.rulefile import Trigger
 
 __all__ = ["FIRST", "INCREMENTAL", "INGEST_AT", "STEADY", "WARMUP", "Loaded", "load_config",
@@ -47,6 +47,7 @@ def load_config() -> ProjectConfig:
         club=ClubFile.model_validate(_yaml(cfg / "club.yaml")),
         lifecycle=LifecycleFile.model_validate(_yaml(cfg / "lifecycle.yaml")),
         channels=ChannelsFile.model_validate(_yaml(cfg / "channels.yaml")),
+        policy=PolicyFile.model_validate(_yaml(cfg / "policy.yaml")),
     )
 
 

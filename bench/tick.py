@@ -38,6 +38,7 @@ TARGETS = {  # backend -> full-tick seconds; the others are shared
 FLOOR_RATIO = 3.0
 INCREMENTAL_SECONDS = 0.1
 PEAK_MB = 200.0
+POLICY_RATIO = 1.3  # the steady full tick with the contact policy over without it
 
 
 # --- phases (each runs in its own subprocess) ---------------------------------------------------
@@ -97,10 +98,19 @@ def phase_full(url: str) -> dict[str, Any]:
     first = _tick(evaluator)
     watermarks = _trigger_states(engine)
     clock.set(rig.STEADY)
+    # the steady tick with and without the contact policy, as dry runs (rolled back), twice
+    # each and alternating, so that neither gets all the warm caches
+    policy, runs = evaluator.policy, {"on": [], "off": []}
+    for _ in range(2):
+        for mode in ("off", "on"):
+            evaluator.policy = policy if mode == "on" else None
+            runs[mode].append(_tick(evaluator, dry_run=True)["seconds"])
+    evaluator.policy = policy
     steady = _tick(evaluator)
     engine.dispose()
     return {"baseline_mb": baseline, "imported_mb": imported, "first": first, "steady": steady,
-            "watermarks": watermarks}
+            "watermarks": watermarks,
+            "policy": {"on_seconds": min(runs["on"]), "off_seconds": min(runs["off"])}}
 
 
 def phase_floor(url: str, watermarks: dict[str, list[int]], sample: int) -> dict[str, Any]:
@@ -225,6 +235,8 @@ def summarise(backend: str, n: int, info: dict[str, Any], full: dict[str, Any],
     naive_seconds = floor["naive"]["extrapolated_seconds"]
     peak = max(first["peak_mb"], steady["peak_mb"], inc["peak_mb"], incremental["cold"]["peak_mb"])
     limit = TARGETS[backend]
+    policy = full["policy"]
+    policy_ratio = policy["on_seconds"] / policy["off_seconds"]
     checks = {
         "first full tick": (first["seconds"], f"<= {limit} s", first["seconds"] <= limit),
         "steady full tick": (steady["seconds"], f"<= {limit} s", steady["seconds"] <= limit),
@@ -233,12 +245,14 @@ def summarise(backend: str, n: int, info: dict[str, Any], full: dict[str, Any],
         "incremental tick": (inc["seconds"], f"<= {INCREMENTAL_SECONDS} s",
                              inc["seconds"] <= INCREMENTAL_SECONDS),
         "peak RSS (MB)": (peak, f"<= {PEAK_MB:.0f} MB", peak <= PEAK_MB),
+        "steady tick, policy on / off": (policy_ratio, f"<= {POLICY_RATIO}x",
+                                         policy_ratio <= POLICY_RATIO),
     }
     return {
         "backend": backend, "customers": n, "measured_at": datetime.now().isoformat(
             timespec="seconds"), "machine": _machine(), "data": info,
         "first_full_tick": first, "steady_full_tick": steady, "incremental_tick": inc,
-        "floor": floor["floor"], "naive": floor["naive"],
+        "floor": floor["floor"], "naive": floor["naive"], "policy": policy,
         "incremental_tick_cold": {**incremental["cold"], "changed": incremental["cold_changed"]},
         "ingest": {"events": incremental["ingested"], "seconds": incremental["ingest_seconds"]},
         "ratios": {"first_tick_over_floor": first["seconds"] / floor_total,
