@@ -166,14 +166,8 @@ class Ingestor:
         now = self.clock.now()
         result = IngestResult()
         with self.engine.begin() as conn:
-            ids = _customer_ids(conn, (r.customer_external_id for r in rows))
             payload = []
-            for i, r in enumerate(rows):
-                cid = ids.get(r.customer_external_id)
-                if cid is None:
-                    result.errors.append(
-                        RowError(i, f"unknown customer {r.customer_external_id!r}"))
-                    continue
+            for _, r, cid in _known_customers(conn, rows, result):
                 data = r.model_dump(exclude={"customer_external_id"})
                 payload.append({**data, "customer_id": cid, "created_at": now, "updated_at": now})
             if result.errors:
@@ -190,14 +184,8 @@ class Ingestor:
         now = self.clock.now()
         result = IngestResult()
         with self.engine.begin() as conn:
-            ids = _customer_ids(conn, (r.customer_external_id for r in rows))
             payload: list[dict[str, Any]] = []
-            for i, r in enumerate(rows):
-                cid = ids.get(r.customer_external_id)
-                if cid is None:
-                    result.errors.append(
-                        RowError(i, f"unknown customer {r.customer_external_id!r}"))
-                    continue
+            for _, r, cid in _known_customers(conn, rows, result):
                 payload.append({"external_id": r.external_id, "customer_id": cid, "kind": r.kind,
                                 "occurred_at": r.occurred_at, "received_at": now,
                                 "properties": r.properties})
@@ -218,20 +206,16 @@ class Ingestor:
         """Append consent entries; channels outside `channels` (when given) are errors."""
         result = IngestResult()
         with self.engine.begin() as conn:
-            ids = _customer_ids(conn, (r.customer_external_id for r in rows))
             payload: list[dict[str, Any]] = []
-            for i, r in enumerate(rows):
-                cid = ids.get(r.customer_external_id)
-                if cid is None:
-                    result.errors.append(
-                        RowError(i, f"unknown customer {r.customer_external_id!r}"))
-                elif channels is not None and r.channel not in channels:
+            for i, r, cid in _known_customers(conn, rows, result):
+                if channels is not None and r.channel not in channels:
                     result.errors.append(RowError(
                         i, f"unknown channel {r.channel!r} (known: {', '.join(sorted(channels))})"))
                 else:
                     payload.append({**r.model_dump(exclude={"customer_external_id"}),
                                     "customer_id": cid})
             if result.errors:
+                result.errors.sort(key=lambda e: e.index)
                 return result
             for chunk in _chunks(payload):
                 conn.execute(table(ConsentEntry).insert(), list(chunk))
@@ -262,6 +246,23 @@ class Ingestor:
                 current_membership_id=current, last_visit_at=last_visit, visit_count=visits,
                 lifetime_value=cast(paid, Float) + cast(bought, Float),
                 change_seq=seq, updated_at=now))
+
+
+R = TypeVar("R", MembershipIn, EventIn, ConsentIn)
+
+
+def _known_customers(conn: Connection, rows: Sequence[R],
+                     result: IngestResult) -> list[tuple[int, R, int]]:
+    """(index, row, customer id) of the rows whose customer exists; an error for each other."""
+    ids = _customer_ids(conn, (r.customer_external_id for r in rows))
+    known = []
+    for i, r in enumerate(rows):
+        cid = ids.get(r.customer_external_id)
+        if cid is None:
+            result.errors.append(RowError(i, f"unknown customer {r.customer_external_id!r}"))
+        else:
+            known.append((i, r, cid))
+    return known
 
 
 def _customer_ids(conn: Connection, external_ids: Iterable[str]) -> dict[str, int]:

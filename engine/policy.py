@@ -168,7 +168,8 @@ class ContactPolicy:
         result = conn.execute(update(o).where(mine, o.c.channel.is_(None))
                               .values(status=SKIPPED, reason=reasons))
         report.skip("channel", int(result.rowcount or 0))
-        conn.execute(update(o).where(mine, o.c.channel.is_not(None))
+        # an occurrence the evaluator skipped for want of a contact point may have one now
+        conn.execute(update(o).where(mine, o.c.status == SKIPPED, o.c.channel.is_not(None))
                      .values(status=MESSAGE, reason=null()))
 
     def _reasons(self, trig: Trigger, variant_lists: dict[str, list[str]], c: Any,
