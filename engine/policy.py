@@ -37,8 +37,11 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     DateTime,
+    Integer,
     String,
+    Update,
     and_,
+    bindparam,
     case,
     func,
     literal,
@@ -105,6 +108,12 @@ class PolicyReport:
             self.skipped[kind] = self.skipped.get(kind, 0) + count
 
 
+@dataclass(frozen=True)
+class _Statements:
+    channel: tuple[Update, Update, Update]
+    budgets: list[tuple[str, Update]]
+
+
 class ContactPolicy:
     """The policy of `config/policy.yaml` for one rule set."""
 
@@ -114,6 +123,8 @@ class ContactPolicy:
         self.contact = dict(contact)  # channel -> customer column holding its contact point
         self.triggers = {t.id: t for t in triggers}
         self.marketing = sorted(t.id for t in triggers if t.purpose == "marketing")
+        self._quiet_channels = sorted(policy.quiet_hours)
+        self._built: _Statements | None = None
 
     # the tick's step -----------------------------------------------------------------------------
 
@@ -121,73 +132,92 @@ class ContactPolicy:
               default_tz: str, in_zones: InZones, by_zone: ByZone) -> PolicyReport:
         """Decide channel, deferral and budgets for the occurrences of tick `tick_id`."""
         report = PolicyReport()
-        o = table(Occurrence)
-        fired = {row[0] for row in conn.execute(
-            select(o.c.trigger_id).where(o.c.tick_id == tick_id).distinct())}
         closed = {name: {tz for tz in zones if next_opening(window, tz, now) is not None}
                   for name, window in self.policy.quiet_hours.items()}
-        for trigger_id in sorted(fired):
-            trig = self.triggers.get(trigger_id)
-            if trig is not None:
-                self._choose_channel(conn, tick_id, trig, closed, in_zones, report)
+        params: dict[str, Any] = {"policy_tick": tick_id}
+        for i, name in enumerate(self._quiet_channels):
+            shut = closed.get(name, set())
+            params[f"closed_{i}"] = sorted(shut)
+            params[f"closed_{i}_club"] = default_tz in shut
+        for i, cap in enumerate(self.policy.frequency_caps):
+            params[f"since_{i}"] = now - cap.per
+        choose, refuse, reopen = self._statements.channel
+        conn.execute(choose, params)
+        report.skip("channel", int(conn.execute(refuse, params).rowcount or 0))
+        conn.execute(reopen, params)
         self._defer(conn, tick_id, now, zones, closed, in_zones, by_zone, report)
-        if self.marketing:
-            self._budgets(conn, tick_id, now, report)
+        for kind, statement in self._statements.budgets:
+            report.skip(kind, int(conn.execute(statement, params).rowcount or 0))
         return report
+
+    @property
+    def _statements(self) -> _Statements:
+        """The policy's statements, built once: each tick only binds its parameters (tick,
+        closed zones, cap windows), so SQLAlchemy's compiled cache serves every later tick."""
+        if self._built is None:
+            self._built = _Statements(self._channel_statements(), self._budget_statements())
+        return self._built
 
     # 1. channel ----------------------------------------------------------------------------------
 
-    def _choose_channel(self, conn: Connection, tick_id: int, trig: Trigger,
-                        closed: dict[str, set[str]], in_zones: InZones,
-                        report: PolicyReport) -> None:
+    def _channel_statements(self) -> tuple[Update, Update, Update]:
+        """One UPDATE choosing every occurrence's channel (a CASE over the triggers), one skipping
+        those no channel can take with each channel's reason, one re-opening those the evaluator
+        had skipped for want of a contact point that the policy found a channel for."""
         o = table(Occurrence)
         c = table(Customer)
         undecided = or_(o.c.status == MESSAGE,
                         and_(o.c.status == SKIPPED, o.c.reason == NO_CONTACT))
-        mine = and_(o.c.tick_id == tick_id, o.c.trigger_id == trig.id,
-                    c.c.id == o.c.customer_id, undecided)
-        lists: dict[str, list[str]] = {name: [v.channel, *trig.action.fallback]
-                                       for name, v in trig.variants.items() if v.channel}
+        known = sorted(self.triggers)
+        mine = and_(o.c.tick_id == bindparam("policy_tick", type_=Integer),
+                    o.c.trigger_id.in_(known), c.c.id == o.c.customer_id, undecided)
+        channels = case({tid: self._choice(self.triggers[tid], c, o) for tid in known},
+                        value=o.c.trigger_id, else_=o.c.channel)
+        reasons = case({tid: self._reasons(self.triggers[tid], c, o) for tid in known},
+                       value=o.c.trigger_id, else_=literal("unavailable"))
+        return (update(o).where(mine).values(channel=channels),
+                update(o).where(mine, o.c.channel.is_(None))
+                .values(status=SKIPPED, reason=reasons),
+                update(o).where(mine, o.c.status == SKIPPED, o.c.channel.is_not(None))
+                .values(status=MESSAGE, reason=null()))
+
+    def _channel_lists(self, trig: Trigger) -> tuple[list[str], dict[str, list[str]]]:
+        """The trigger's channels in order of preference, and each variant's own if it has one."""
+        default = list(dict.fromkeys([trig.action.channel, *trig.action.fallback]))
+        variants = {name: list(dict.fromkeys([v.channel, *trig.action.fallback]))
+                    for name, v in trig.variants.items() if v.channel}
+        return default, variants
+
+    def _choice(self, trig: Trigger, c: Any, o: Any) -> ColumnElement[Any]:
         wait = trig.action.in_quiet_hours == "wait"
 
-        def choice(channels: list[str]) -> ColumnElement[Any]:
-            names = list(dict.fromkeys(channels))
-            whens = [(self._can(ch, trig, c, closed, in_zones, quiet=not wait), literal(ch))
-                     for ch in names]
+        def first(names: list[str]) -> ColumnElement[Any]:
+            whens = [(self._can(ch, trig, c, quiet=not wait), literal(ch)) for ch in names]
             if not wait:  # nothing open now: wait for the first channel that is otherwise fine
-                whens += [(self._can(ch, trig, c, closed, in_zones, quiet=False), literal(ch))
-                          for ch in names]
+                whens += [(self._can(ch, trig, c, quiet=False), literal(ch)) for ch in names]
             return case(*whens, else_=null())
 
-        default = choice([trig.action.channel, *trig.action.fallback])
-        channel = case(*((o.c.variant == name, choice(chs)) for name, chs in lists.items()),
-                       else_=default) if lists else default
-        conn.execute(update(o).where(mine).values(channel=channel))
-        # the occurrences no channel can take: why, channel by channel
-        reasons = self._reasons(trig, lists, c, closed, in_zones, wait, o)
-        result = conn.execute(update(o).where(mine, o.c.channel.is_(None))
-                              .values(status=SKIPPED, reason=reasons))
-        report.skip("channel", int(result.rowcount or 0))
-        # an occurrence the evaluator skipped for want of a contact point may have one now
-        conn.execute(update(o).where(mine, o.c.status == SKIPPED, o.c.channel.is_not(None))
-                     .values(status=MESSAGE, reason=null()))
+        default, variants = self._channel_lists(trig)
+        if not variants:
+            return first(default)
+        return case(*((o.c.variant == name, first(chs)) for name, chs in variants.items()),
+                    else_=first(default))
 
-    def _reasons(self, trig: Trigger, variant_lists: dict[str, list[str]], c: Any,
-                 closed: dict[str, set[str]], in_zones: InZones, wait: bool,
-                 o: Any) -> ColumnElement[Any]:
-        def joined(channels: list[str]) -> ColumnElement[Any]:
-            parts: ColumnElement[Any] | None = None
-            for ch in dict.fromkeys(channels):
-                one = self._why_not(ch, trig, c, closed, in_zones, quiet=not wait)
-                parts = one if parts is None else parts + literal("; ") + one
-            assert parts is not None
-            return parts
+    def _reasons(self, trig: Trigger, c: Any, o: Any) -> ColumnElement[Any]:
+        wait = trig.action.in_quiet_hours == "wait"
 
-        default = joined([trig.action.channel, *trig.action.fallback])
-        if not variant_lists:
-            return default
-        return case(*((o.c.variant == name, joined(chs)) for name, chs in variant_lists.items()),
-                    else_=default)
+        def joined(names: list[str]) -> ColumnElement[Any]:
+            parts = [self._why_not(ch, trig, c, quiet=not wait) for ch in names]
+            out = parts[0]
+            for part in parts[1:]:
+                out = out + literal("; ") + part
+            return out
+
+        default, variants = self._channel_lists(trig)
+        if not variants:
+            return joined(default)
+        return case(*((o.c.variant == name, joined(chs)) for name, chs in variants.items()),
+                    else_=joined(default))
 
     def _has_contact(self, channel: str, c: Any) -> ColumnElement[bool]:
         column = c.c[self.contact[channel]]
@@ -200,7 +230,7 @@ class ContactPolicy:
             return true()
         return or_(c.c.segment.is_(None), c.c.segment.not_in(barred))
 
-    def _consents(self, channel: str, trig: Trigger, c: Any) -> ColumnElement[bool]:
+    def _consents(self, channel: str, trig: Trigger) -> ColumnElement[bool]:
         cl = table(ConsentEntry)
         o = table(Occurrence)  # correlated on the row being updated, not on the joined customer
         latest = (select(cl.c.granted)
@@ -210,31 +240,36 @@ class ContactPolicy:
         default = self.policy.consent.granted_by_default(channel, trig.purpose)
         return func.coalesce(latest, literal(default, Boolean())).is_(True)
 
-    def _open_now(self, channel: str, trig: Trigger, closed: dict[str, set[str]],
-                  in_zones: InZones) -> ColumnElement[bool]:
-        zones = closed.get(channel) if self._quiet_applies(trig) else None
-        return not_(in_zones(sorted(zones))) if zones else true()
+    def _open_now(self, channel: str, trig: Trigger, c: Any) -> ColumnElement[bool]:
+        """The channel is open in the customer's zone now (bound per tick: `closed_<i>` lists
+        the zones where it is shut, `closed_<i>_club` whether the club's zone is one of them)."""
+        if channel not in self._quiet_channels or not self._quiet_applies(trig):
+            return true()
+        i = self._quiet_channels.index(channel)
+        shut = or_(c.c.timezone.in_(bindparam(f"closed_{i}", expanding=True)),
+                   and_(c.c.timezone.is_(None),
+                        bindparam(f"closed_{i}_club", type_=Boolean()).is_(True)))
+        return not_(shut)
 
     def _quiet_applies(self, trig: Trigger) -> bool:
         return trig.purpose == "marketing" or self.policy.transactional_quiet_hours
 
-    def _can(self, channel: str, trig: Trigger, c: Any, closed: dict[str, set[str]],
-             in_zones: InZones, *, quiet: bool) -> ColumnElement[bool]:
+    def _can(self, channel: str, trig: Trigger, c: Any, *, quiet: bool) -> ColumnElement[bool]:
         checks = [self._has_contact(channel, c), self._segment_allows(channel, c),
-                  self._consents(channel, trig, c)]
+                  self._consents(channel, trig)]
         if quiet:
-            checks.append(self._open_now(channel, trig, closed, in_zones))
+            checks.append(self._open_now(channel, trig, c))
         return and_(*checks)
 
-    def _why_not(self, channel: str, trig: Trigger, c: Any, closed: dict[str, set[str]],
-                 in_zones: InZones, *, quiet: bool) -> ColumnElement[Any]:
+    def _why_not(self, channel: str, trig: Trigger, c: Any, *,
+                 quiet: bool) -> ColumnElement[Any]:
         whens = [(not_(self._has_contact(channel, c)), literal(f"{NO_CONTACT} ({channel})")),
                  (not_(self._segment_allows(channel, c)),
                   func.coalesce(literal("segment ") + c.c.segment, literal("segment"))
                   + literal(f" excludes {channel}")),
-                 (not_(self._consents(channel, trig, c)), literal(f"no_consent ({channel})"))]
+                 (not_(self._consents(channel, trig)), literal(f"no_consent ({channel})"))]
         if quiet:
-            whens.append((not_(self._open_now(channel, trig, closed, in_zones)),
+            whens.append((not_(self._open_now(channel, trig, c)),
                           literal(f"quiet_hours ({channel})")))
         return case(*whens, else_=literal(f"unavailable ({channel})"))
 
@@ -262,20 +297,23 @@ class ContactPolicy:
 
     # 3. budgets and caps -------------------------------------------------------------------------
 
-    def _budgets(self, conn: Connection, tick_id: int, now: datetime,
-                 report: PolicyReport) -> None:
+    def _budget_statements(self) -> list[tuple[str, Update]]:
+        """The ranking UPDATEs, in order: cycle budget, segment caps, frequency caps."""
+        if not self.marketing:
+            return []
         o = table(Occurrence)
         m = table(Message)
         mo = table(Occurrence).alias("counted")
         counted = and_(m.c.trigger_id.in_(self.marketing), m.c.status != MessageStatus.FAILED)
+        out: list[tuple[str, Update]] = []
         if self.policy.cycle_budget is not None:
             used = (select(func.count()).select_from(m.join(mo, mo.c.id == m.c.occurrence_id))
                     .where(m.c.customer_id == o.c.customer_id, counted,
                            mo.c.membership_id.is_not_distinct_from(o.c.membership_id))
                     .scalar_subquery())
             k = self.policy.cycle_budget
-            report.skip("cycle_budget", self._limit(
-                conn, tick_id, k, used, by_channel=False, label=f"cycle_budget {k}/{k}"))
+            out.append(("cycle_budget", self._limit(k, used, by_channel=False,
+                                                    label=f"cycle_budget {k}/{k}")))
         for name, seg in sorted(self.policy.segments.items()):
             for channel, k in sorted(seg.max_per_cycle.items()):
                 used = (select(func.count())
@@ -284,21 +322,21 @@ class ContactPolicy:
                                m.c.channel == channel,
                                mo.c.membership_id.is_not_distinct_from(o.c.membership_id))
                         .scalar_subquery())
-                report.skip("segment_budget", self._limit(
-                    conn, tick_id, k, used, by_channel=True,
-                    label=f"segment_budget {name}: {channel} {k}/{k}",
-                    where=[o.c.channel == channel, self._in_segment(o, name)]))
-        for cap in self.policy.frequency_caps:
-            since = now - cap.per
+                out.append(("segment_budget", self._limit(
+                    k, used, by_channel=True, label=f"segment_budget {name}: {channel} {k}/{k}",
+                    where=[o.c.channel == channel, self._in_segment(o, name)])))
+        for i, cap in enumerate(self.policy.frequency_caps):
+            since = bindparam(f"since_{i}", type_=DateTime())
             scope = [m.c.channel == cap.channel] if cap.channel else []
             used = (select(func.count()).select_from(m)
                     .where(m.c.customer_id == o.c.customer_id, counted, m.c.due_at > since,
                            *scope)
                     .scalar_subquery())
-            report.skip("frequency_cap", self._limit(
-                conn, tick_id, cap.max, used, by_channel=cap.channel is not None,
+            out.append(("frequency_cap", self._limit(
+                cap.max, used, by_channel=cap.channel is not None,
                 label=f"frequency_cap {cap.label}",
-                where=[o.c.channel == cap.channel] if cap.channel else []))
+                where=[o.c.channel == cap.channel] if cap.channel else [])))
+        return out
 
     @staticmethod
     def _in_segment(o: Any, segment: str) -> ColumnElement[bool]:
@@ -314,9 +352,9 @@ class ContactPolicy:
         return case(*((o.c.trigger_id.in_(sorted(ids)), literal(p))
                       for p, ids in sorted(groups.items())), else_=literal(0))
 
-    def _limit(self, conn: Connection, tick_id: int, k: int, used: Any, *, by_channel: bool,
-               label: str, where: Sequence[ColumnElement[bool]] = ()) -> int:
-        """Skip this tick's marketing messages beyond `k` per customer (and channel), counting
+    def _limit(self, k: int, used: Any, *, by_channel: bool, label: str,
+               where: Sequence[ColumnElement[bool]] = ()) -> Update:
+        """Skip the tick's marketing messages beyond `k` per customer (and channel), counting
         `used` (correlated on the occurrence) first and the higher priorities of the tick next."""
         o = table(Occurrence)
         partition = [o.c.customer_id, o.c.channel] if by_channel else [o.c.customer_id]
@@ -327,15 +365,12 @@ class ContactPolicy:
                          func.first_value(o.c.trigger_id).over(partition_by=partition,
                                                                order_by=order).label("winner"),
                          used.label("used"))
-                  .where(o.c.tick_id == tick_id, o.c.status == MESSAGE,
-                         o.c.trigger_id.in_(self.marketing), *where)
+                  .where(o.c.tick_id == bindparam("policy_tick", type_=Integer),
+                         o.c.status == MESSAGE, o.c.trigger_id.in_(self.marketing), *where)
                   .subquery("ranked"))
         # `lower_priority` only when another trigger of this tick took the room
         reason = case((or_(ranked.c.used >= k, ranked.c.winner == o.c.trigger_id),
                        literal(label)),
                       else_=literal("lower_priority than ") + ranked.c.winner)
-        result = conn.execute(
-            update(o).where(o.c.id == ranked.c.id, ranked.c.rank + ranked.c.used > k)
-            .values(status=SKIPPED, reason=reason, not_before=null()))
-        return int(result.rowcount or 0)
-
+        return (update(o).where(o.c.id == ranked.c.id, ranked.c.rank + ranked.c.used > k)
+                .values(status=SKIPPED, reason=reason, not_before=null()))
