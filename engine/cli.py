@@ -98,11 +98,13 @@ class ImportKind(StrEnum):
     customers = "customers"
     memberships = "memberships"
     visits = "visits"
+    consents = "consents"
 
 
 @app.command("import")
 def import_(kind: ImportKind, path: Path) -> None:
-    """Import a CSV export (customers, memberships or visits); bad rows are reported, good kept."""
+    """Import a CSV export (customers, memberships, visits or consents); bad rows are reported,
+    good rows kept."""
     from engine.importer import import_csv
 
     runtime = _runtime(_settings(), SystemClock())

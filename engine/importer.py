@@ -1,4 +1,4 @@
-"""CSV import: the customers, memberships and visits a club management system exports.
+"""CSV import: the customers, memberships, visits and consents a club management system exports.
 
 Header names are matched case-insensitively; spaces and hyphens count as underscores
 (`Member ID` is `member_id`). Required columns are marked *:
@@ -10,6 +10,11 @@ Header names are matched case-insensitively; spaces and hyphens count as undersc
                  (active, cancelled, ended or frozen; canceled, paused and expired are understood)
     visits       visit_id*, member_id*, checked_in_at* (ISO 8601; without an offset it is read in
                  the club's time zone); stored as `visit` events with external id `visit:<visit_id>`
+    consents     member_id*, channel*, granted* (yes/no, true/false, 1/0, granted/withdrawn,
+                 opt-in/opt-out), given_at* (ISO 8601, as checked_in_at), purpose (marketing, the
+                 default, or transactional), source (default `csv`), wording_version; each row
+                 is appended to the consent log (a later row for the same member and channel
+                 wins, as a later form does)
 
 What varies between exports is accepted: a UTF-8 byte order mark (or Windows-1252 text), `,`, `;`,
 tab or `|` as the delimiter, dates as `YYYY-MM-DD` or `DD.MM.YYYY`, prices with a decimal comma,
@@ -28,7 +33,7 @@ import codecs
 import csv
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -44,7 +49,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 from sqlalchemy.exc import DataError, IntegrityError
 
-from engine.ingest import CustomerIn, EventIn, Ingestor, IngestResult, MembershipIn
+from engine.ingest import ConsentIn, CustomerIn, EventIn, Ingestor, IngestResult, MembershipIn
 
 if TYPE_CHECKING:
     from engine.runtime import Runtime
@@ -73,6 +78,7 @@ class ImportKind(StrEnum):
     CUSTOMERS = "customers"
     MEMBERSHIPS = "memberships"
     VISITS = "visits"
+    CONSENTS = "consents"
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,9 @@ COLUMNS: dict[ImportKind, _Columns] = {
         ("visit_id", "member_id", "checked_in_at"), (),
         {"external_id": "visit_id", "customer_external_id": "member_id",
          "occurred_at": "checked_in_at"}),
+    ImportKind.CONSENTS: _Columns(
+        ("member_id", "channel", "granted", "given_at"), ("purpose", "source", "wording_version"),
+        {"customer_external_id": "member_id", "occurred_at": "given_at"}),
 }
 
 # Friendlier words for the pattern checks of the ingestion models, by field.
@@ -108,6 +117,10 @@ _PATTERN_MESSAGES = {
 _STATUS_SYNONYMS = {"canceled": "cancelled", "paused": "frozen", "expired": "ended"}
 _TRUE = {"true", "yes", "y", "1"}
 _FALSE = {"false", "no", "n", "0"}
+_GRANTED = {**dict.fromkeys(_TRUE | {"granted", "given", "opt-in", "opt_in", "optin",
+                                     "subscribed"}, True),
+            **dict.fromkeys(_FALSE | {"withdrawn", "revoked", "denied", "opt-out", "opt_out",
+                                      "optout", "unsubscribed"}, False)}
 
 
 @dataclass(frozen=True)
@@ -259,6 +272,7 @@ class _Context:
     tz: ZoneInfo
     region: str | None
     attribute_types: Mapping[str, str]
+    channels: Collection[str] | None = None  # consent channels known to the config
 
 
 def _convert(ctx: _Context, cells: Sequence[str]) -> BaseModel:
@@ -308,6 +322,26 @@ def _convert(ctx: _Context, cells: Sequence[str]) -> BaseModel:
             status = row["status"].lower()
             data["status"] = _STATUS_SYNONYMS.get(status, status)
         model = MembershipIn
+    elif ctx.kind is ImportKind.CONSENTS:
+        data = {"customer_external_id": row.get("member_id"), "channel": row.get("channel"),
+                "purpose": row.get("purpose", "marketing").lower(),
+                "source": row.get("source", "csv"),
+                "wording_version": row.get("wording_version")}
+        if "channel" in row and ctx.channels is not None and row["channel"] not in ctx.channels:
+            problems.append(("channel", f"unknown channel {row['channel']!r} (known: "
+                                        f"{', '.join(sorted(ctx.channels))})"))
+        if "granted" in row:
+            granted = _GRANTED.get(row["granted"].lower())
+            if granted is None:
+                problems.append(("granted", "expected yes or no (also true/false, 1/0, "
+                                            "granted/withdrawn, opt-in/opt-out)"))
+            data["granted"] = granted
+        if "given_at" in row:
+            try:
+                data["occurred_at"] = _parse_datetime(row["given_at"], ctx.tz)
+            except ValueError as exc:
+                problems.append(("given_at", str(exc)))
+        model = ConsentIn
     else:
         visit_id = row.get("visit_id")
         data = {"external_id": None if visit_id is None else VISIT_PREFIX + visit_id,
@@ -401,7 +435,7 @@ class _Importer:
         # A key repeated within one upsert fails on PostgreSQL; the later row wins, as it does
         # across chunks, so the earlier ones are superseded rather than sent.
         positions = list(range(len(chunk)))
-        if self.ctx.kind is not ImportKind.VISITS:
+        if self.ctx.kind in (ImportKind.CUSTOMERS, ImportKind.MEMBERSHIPS):
             latest = {getattr(record, "external_id", p): p for p, (_, record) in enumerate(chunk)}
             positions = sorted(latest.values())
         records = [chunk[p][1] for p in positions]
@@ -423,6 +457,8 @@ class _Importer:
             return self.ingestor.customers([r for r in records if isinstance(r, CustomerIn)])
         if self.ctx.kind is ImportKind.MEMBERSHIPS:
             return self.ingestor.memberships([r for r in records if isinstance(r, MembershipIn)])
+        if self.ctx.kind is ImportKind.CONSENTS:
+            return self.ingestor.consents([r for r in records if isinstance(r, ConsentIn)])
         return self.ingestor.events([r for r in records if isinstance(r, EventIn)])
 
 
@@ -430,7 +466,8 @@ def import_csv(target: Runtime | Ingestor, kind: ImportKind | str, path: str | o
                *, progress: Callable[[int], None] | None = None, timezone: str | None = None,
                region: str | None = None, chunk_size: int = CHUNK,
                max_errors: int = MAX_ERRORS) -> ImportReport:
-    """Import one CSV file of `kind` (customers, memberships, visits); see the module docstring.
+    """Import one CSV file of `kind` (customers, memberships, visits, consents); see the module
+    docstring.
 
     `timezone` (for visit times without an offset) and `region` (for phone numbers without a
     country code) default to the club's from the runtime's config; with a bare Ingestor, to UTC
@@ -442,12 +479,14 @@ def import_csv(target: Runtime | Ingestor, kind: ImportKind | str, path: str | o
     except ValueError:
         raise LookupError(f"unknown import kind {kind!r}; known: "
                           f"{', '.join(k.value for k in ImportKind)}") from None
+    channels: Collection[str] | None = None
     if isinstance(target, Ingestor):
         ingestor, attribute_types = target, {}
         tz = timezone or "UTC"
     else:
         ingestor, attribute_types = target.ingestor, dict(target.config.club.attributes)
         tz = timezone or target.config.club.timezone
+        channels = target.config.channels.channels
     path = Path(path)
     report = ImportReport(kind, path.name)
     spec = COLUMNS[kind]
@@ -474,7 +513,7 @@ def import_csv(target: Runtime | Ingestor, kind: ImportKind | str, path: str | o
                 progress(report.read)
             return report
         ctx = _Context(kind, columns, ZoneInfo(tz), region or region_of_timezone(tz),
-                       attribute_types)
+                       attribute_types, channels)
         importer = _Importer(ingestor, ctx, report, max_errors)
         chunk: list[tuple[int, BaseModel]] = []
         last = reader.line_num

@@ -310,3 +310,47 @@ def test_runtime_gives_club_time_zone_region_and_attribute_types(db: Engine, clo
                                            "v1,m1,2026-03-01 07:15\n")
     assert import_csv(runtime, "visits", visits).ok
     assert customers(db)["m1"]["last_visit_at"] == datetime(2026, 3, 1, 6, 15)
+
+
+def test_consents_appended_to_the_log_bad_rows_reported(db: Engine, clock: FixedClock,
+                                                        tmp_path: Path) -> None:
+    from engine.models import ConsentEntry
+    from engine.runtime import Runtime
+    from engine.settings import Settings
+
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "none.yaml").write_text("version: 1\ntriggers: []\n", encoding="utf-8")
+    runtime = Runtime.load(Settings(_env_file=None, rules_dir=rules, templates_dir=tmp_path,
+                                    config_dir=ROOT / "config"), clock, engine=db)
+    ingestor = runtime.ingestor
+    ingestor.customers([CustomerIn(external_id="m1"), CustomerIn(external_id="m2")])
+    path = write(tmp_path, "consents.csv",
+                 "Member ID;Channel;Granted;Given at;Purpose;Wording version\n"
+                 "m1;sms;yes;2026-02-01 10:00;;v3\n"
+                 "m1;sms;opt-out;01.03.2026 09:30;marketing;\n"
+                 "m2;email;withdrawn;2026-03-02T08:00:00+00:00;transactional;\n"
+                 "m2;fax;yes;2026-03-02 08:00;;\n"
+                 "m2;sms;maybe;2026-03-02 08:00;;\n"
+                 "m9;sms;yes;2026-03-02 08:00;;\n"
+                 "m2;chat;yes;;;\n")
+    report = import_csv(runtime, "consents", path)
+    assert [str(e) for e in report.errors] == [
+        "consents.csv:5: channel: unknown channel 'fax' (known: chat, email, sms)",
+        "consents.csv:6: granted: expected yes or no (also true/false, 1/0, granted/withdrawn, "
+        "opt-in/opt-out)",
+        "consents.csv:7: member_id: unknown customer 'm9'",
+        "consents.csv:8: given_at: required"]
+    assert (report.read, report.written, report.rejected) == (7, 3, 4)
+    with db.connect() as conn:
+        rows = conn.execute(
+            select(Customer.external_id, ConsentEntry.channel, ConsentEntry.purpose,
+                   ConsentEntry.granted, ConsentEntry.occurred_at, ConsentEntry.source,
+                   ConsentEntry.wording_version)
+            .join(Customer, Customer.id == ConsentEntry.customer_id)
+            .order_by(ConsentEntry.id)).all()
+    # in file order, so the later entry is the one in force; local times read in Berlin
+    assert [tuple(r) for r in rows] == [
+        ("m1", "sms", "marketing", True, datetime(2026, 2, 1, 9, 0), "csv", "v3"),
+        ("m1", "sms", "marketing", False, datetime(2026, 3, 1, 8, 30), "csv", None),
+        ("m2", "email", "transactional", False, datetime(2026, 3, 2, 8, 0), "csv", None)]
