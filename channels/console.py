@@ -6,6 +6,7 @@ import json
 import sys
 import threading
 from pathlib import Path
+from typing import TextIO
 
 from channels.base import Channel, ChannelSettings, OutgoingMessage, SendResult, SendStatus
 
@@ -22,6 +23,7 @@ class ConsoleChannel(Channel):
 
     Settings = ConsoleSettings
     _lock = threading.Lock()
+    _file: TextIO | None = None  # the outbox file, opened on the first message
 
     def send(self, message: OutgoingMessage) -> SendResult:
         settings = self.settings
@@ -32,9 +34,17 @@ class ConsoleChannel(Channel):
         line = json.dumps(record, ensure_ascii=False)
         with self._lock:
             if settings.path is not None:
-                settings.path.parent.mkdir(parents=True, exist_ok=True)
-                with settings.path.open("a", encoding="utf-8") as fh:
-                    fh.write(line + "\n")
+                if self._file is None:
+                    settings.path.parent.mkdir(parents=True, exist_ok=True)
+                    self._file = settings.path.open("a", encoding="utf-8")
+                self._file.write(line + "\n")
+                self._file.flush()  # each line complete on disk before the send counts
             elif not settings.quiet:
                 print(line, file=sys.stdout, flush=True)
         return SendResult(SendStatus.SENT, provider_message_id=f"console-{message.message_id}")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None

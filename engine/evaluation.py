@@ -35,10 +35,12 @@ from sqlalchemy import (
     Engine,
     Float,
     FromClause,
+    Integer,
     Label,
     Select,
     String,
     and_,
+    bindparam,
     case,
     cast,
     exists,
@@ -81,6 +83,7 @@ from engine.models import (
     StageChange,
     Tick,
     TriggerState,
+    table,
 )
 from engine.policy import ContactPolicy
 from engine.rulefile import (
@@ -316,6 +319,7 @@ class Evaluator:
         event_max = conn.execute(select(func.max(Event.id))).scalar() or 0
         stage_max = conn.execute(select(func.max(StageChange.id))).scalar() or 0
         states = {row.trigger_id: row for row in conn.execute(select(TriggerState.__table__))}
+        saved: list[tuple[str, bool, int | None, str, int]] = []
         for loaded in self.triggers:
             trig = loaded.trigger
             state = states.get(trig.id)
@@ -326,8 +330,9 @@ class Evaluator:
             count = self._insert_occurrences(conn, loaded, candidates, ctx, tick_id, now,
                                              versions.get(loaded.path))
             result.occurrences[trig.id] = count
-            self._save_state(conn, trig.id, state is not None, versions.get(loaded.path),
-                             loaded.path, event_max, stage_max, now, count)
+            saved.append((trig.id, state is not None, versions.get(loaded.path), loaded.path,
+                          count))
+        self._save_states(conn, saved, event_max, stage_max, now)
         if any(result.occurrences.values()):
             if self.policy is not None:
                 report = self.policy.apply(conn, tick_id, now, self._zones, self.default_tz,
@@ -632,18 +637,35 @@ class Evaluator:
             out[path] = int(found)
         return out
 
-    def _save_state(self, conn: Connection, trigger_id: str, exists_: bool,
-                    version_id: int | None, path: str, event_max: int, stage_max: int,
-                    now: datetime, fired: int) -> None:
-        values: dict[str, Any] = dict(
-            rule_file_version_id=version_id, path=path, enabled=True, errors={},
-            event_watermark=event_max, stage_watermark=stage_max, last_tick_at=now)
-        if exists_:
-            conn.execute(update(TriggerState).where(TriggerState.trigger_id == trigger_id)
-                         .values(fired_total=TriggerState.fired_total + fired, **values))
-        else:
-            conn.execute(insert(TriggerState).values(trigger_id=trigger_id, fired_total=fired,
-                                                     **values))
+    def _save_states(self, conn: Connection,
+                     saved: Sequence[tuple[str, bool, int | None, str, int]], event_max: int,
+                     stage_max: int, now: datetime) -> None:
+        """Each trigger's watermarks, rule-file version and count: one executemany UPDATE for the
+        triggers seen before, one INSERT for new ones."""
+        rows = [{"s_id": tid, "s_version": version, "s_path": path, "s_fired": fired,
+                 "s_events": event_max, "s_stages": stage_max, "s_now": now}
+                for tid, _, version, path, fired in saved]
+        known = [row for row, (_, seen, *_) in zip(rows, saved, strict=True) if seen]
+        new = [row for row, (_, seen, *_) in zip(rows, saved, strict=True) if not seen]
+        if known:
+            conn.execute(self._update_state, known)
+        if new:
+            conn.execute(insert(TriggerState), [
+                {"trigger_id": row["s_id"], "rule_file_version_id": row["s_version"],
+                 "path": row["s_path"], "fired_total": row["s_fired"], "enabled": True,
+                 "errors": {}, "event_watermark": event_max, "stage_watermark": stage_max,
+                 "last_tick_at": now} for row in new])
+
+    @functools.cached_property
+    def _update_state(self) -> Any:
+        t = table(TriggerState)
+        return (update(t).where(t.c.trigger_id == bindparam("s_id", type_=t.c.trigger_id.type))
+                .values(fired_total=t.c.fired_total + bindparam("s_fired", type_=Integer()),
+                        rule_file_version_id=bindparam("s_version", type_=BigInteger()),
+                        path=bindparam("s_path", type_=t.c.path.type), enabled=True, errors={},
+                        event_watermark=bindparam("s_events", type_=BigInteger()),
+                        stage_watermark=bindparam("s_stages", type_=BigInteger()),
+                        last_tick_at=bindparam("s_now", type_=t.c.last_tick_at.type)))
 
 
 class unindexed(FunctionElement[Any]):  # noqa: N801 - reads as a SQL function

@@ -186,7 +186,7 @@ class Simulation:
         cfg = self.config
         days = cfg.replay_days
         summary = SimulationSummary(days=days, members=0, ticks=0)
-        dispatcher = self.runtime.dispatcher(concurrency=64)
+        dispatcher = self.runtime.dispatcher(concurrency=256)
         initial = round(cfg.members * cfg.initial_share)
         later = cfg.members - initial
         self._join(cfg.start, initial, backdate=True)

@@ -54,13 +54,20 @@ class TemplateStore:
             autoescape=False,
             keep_trailing_newline=False,
         )
+        # (name, channel) -> file found before: the dispatcher asks once per message. Only files
+        # found are remembered, so a template added later is seen; one removed fails to load.
+        self._found: dict[tuple[str, str], str] = {}
 
     def filename(self, name: str, channel: str) -> str | None:
         """The file that serves `name` on `channel`, or None if there is none."""
+        found = self._found.get((name, channel))
+        if found is not None:
+            return found
         if ".." in Path(name).parts:
             return None
         for candidate in (f"{name}.{channel}.j2", f"{name}.j2"):
             if (self.directory / candidate).is_file():
+                self._found[name, channel] = candidate
                 return candidate
         return None
 
