@@ -21,8 +21,11 @@ __all__ = ["bump_counter", "make_engine", "migrate", "read_counter", "release_le
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
+def make_engine(url: str, *, sqlite_synchronous: str = "NORMAL", **kwargs: Any) -> Engine:
     """An engine with the settings the tick relies on (WAL and a busy timeout on SQLite)."""
+    if sqlite_synchronous not in ("OFF", "NORMAL", "FULL"):
+        raise ValueError(f"sqlite_synchronous: expected OFF, NORMAL or FULL, "
+                         f"got {sqlite_synchronous!r}")
     # The tick counts what INSERT ... SELECT wrote; keep rowcount for every statement.
     kwargs.setdefault("execution_options", {"preserve_rowcount": True})
     if url.startswith("sqlite"):
@@ -35,7 +38,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute(f"PRAGMA synchronous={sqlite_synchronous}")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
             # A tick writes tens of thousands of rows in one transaction: a 64 MiB page cache

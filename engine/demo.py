@@ -69,8 +69,10 @@ def run_demo(*, members: int | None = None, months: int | None = None, seed: int
         stale.unlink(missing_ok=True)
     clock = FixedClock(datetime.combine(cfg.start, dtime()))
     base = settings or Settings()
+    # The demo's database is rebuilt on every run: no need to wait for the disk at each commit.
     settings = base.model_copy(update={"database_url": f"sqlite:///{db_path}",
-                                       "console_outbox_path": outbox})
+                                       "console_outbox_path": outbox,
+                                       "sqlite_synchronous": "OFF"})
     runtime = Runtime.load(settings, clock)
     simulation = Simulation(cfg, runtime, clock)
     summary = simulation.run(progress)

@@ -66,7 +66,8 @@ class Runtime:
         config = ruleset.config
         if engine is None:
             settings.ensure_var_dir()
-            engine = make_engine(settings.database_url)
+            engine = make_engine(settings.database_url,
+                                 sqlite_synchronous=settings.sqlite_synchronous)
         if migrate_db:
             migrate(engine)
         files = {path: (src.sha256, src.text) for path, src in ruleset.files.items()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -24,6 +25,9 @@ class Settings(BaseSettings):
     )
 
     database_url: str = Field(default_factory=default_database_url)
+    # SQLite's durability: NORMAL survives a process crash (a power cut may lose the last
+    # commits); FULL survives a power cut; OFF only for a database that is rebuilt anyway.
+    sqlite_synchronous: Literal["OFF", "NORMAL", "FULL"] = "NORMAL"
     rules_dir: Path = Path("rules")
     templates_dir: Path = Path("templates")
     config_dir: Path = Path("config")

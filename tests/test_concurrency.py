@@ -7,7 +7,9 @@ import os
 import subprocess
 import sys
 from datetime import timedelta
+from pathlib import Path
 
+import pytest
 from sqlalchemy import Engine, func, select
 
 from engine.clock import FixedClock
@@ -50,3 +52,16 @@ def test_two_tick_processes(db: Engine, clock: FixedClock) -> None:
         per_occurrence = conn.execute(select(func.count(Message.occurrence_id.distinct()))).scalar()
     assert occurrences == keys == sum(created)
     assert messages == per_occurrence
+
+
+@pytest.mark.parametrize("level,code", [("OFF", 0), ("NORMAL", 1), ("FULL", 2)])
+def test_sqlite_durability_is_the_configured_one(tmp_path: Path, level: str, code: int) -> None:
+    from engine.db import make_engine
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'd.db'}", sqlite_synchronous=level)
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == code
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    engine.dispose()
+    with pytest.raises(ValueError, match="expected OFF, NORMAL or FULL, got 'LAZY'"):
+        make_engine("sqlite://", sqlite_synchronous="LAZY")
