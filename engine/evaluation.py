@@ -32,6 +32,7 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Date,
+    DateTime,
     Engine,
     Float,
     FromClause,
@@ -189,6 +190,7 @@ class Evaluator:
         # the contact policy (config/policy.yaml); off only to measure or test without it
         self.policy = ContactPolicy(config.policy, self.contact,
                                     [t.trigger for t in self.triggers]) if policy else None
+        self._outbox_statements: dict[bool, Any] = {}  # policy on/off -> the outbox INSERT
 
     # the tick ----------------------------------------------------------------------------------
 
@@ -339,12 +341,8 @@ class Evaluator:
                                            self._in_zones, self._by_zone)
                 result.deferred = report.deferred
                 result.stopped = report.skipped
-            for loaded in self.triggers:
-                if result.occurrences.get(loaded.trigger.id):
-                    held, skipped, messages = self._to_outbox(conn, loaded.trigger, tick_id, now)
-                    result.held_out += held
-                    result.skipped += skipped
-                    result.messages += messages
+            result.held_out, result.skipped, result.messages = self._to_outbox(conn, tick_id,
+                                                                               now)
         conn.execute(update(Tick).where(Tick.id == tick_id).values(
             finished_at=self.clock.now(), summary={**result.as_dict(), "stages": self._stages_key}))
         return result
@@ -581,36 +579,55 @@ class Evaluator:
             whens.append((and_(column.is_not(None), column != ""), literal(name)))
         return case(*whens, else_=null())
 
-    def _to_outbox(self, conn: Connection, trig: Trigger, tick_id: int,
-                   now: datetime) -> tuple[int, int, int]:
-        o = Occurrence.__table__
-        c = Customer.__table__
-        mine = and_(o.c.tick_id == tick_id, o.c.trigger_id == trig.id)
+    def _to_outbox(self, conn: Connection, tick_id: int, now: datetime) -> tuple[int, int, int]:
+        """The tick's occurrences with status `message` become queued messages, every trigger in
+        one INSERT; (held out, skipped, messages) of the tick."""
+        o = table(Occurrence)
         counts: dict[str, int] = dict(conn.execute(
-            select(o.c.status, func.count()).where(mine).group_by(o.c.status)).all())
-        template: ColumnElement[Any] = literal(trig.action.template)
-        overrides = [(o.c.variant == n, literal(v.template)) for n, v in trig.variants.items()
-                     if v.template]
-        if overrides:
-            template = case(*overrides, else_=template)
-        recipient = case(*((o.c.channel == name, c.c[col]) for name, col in self.contact.items()),
-                         else_=null())
-        costs = self.config.policy.cost if self.policy is not None else {}
-        cost = case(*((o.c.channel == name, literal(value)) for name, value in costs.items()),
-                    else_=null()) if costs else cast(null(), Float)
-        due = func.coalesce(o.c.not_before, literal(now)) if self.policy is not None \
-            else literal(now)
-        conn.execute(insert(Message).from_select(
-            ["occurrence_id", "customer_id", "trigger_id", "channel", "template", "recipient",
-             "status", "due_at", "created_at", "attempts", "cost"],
-            select(o.c.id, o.c.customer_id, o.c.trigger_id, o.c.channel, template, recipient,
-                   literal(str(MessageStatus.QUEUED)), due, literal(now), literal(0), cost)
-            .select_from(o.join(c, c.c.id == o.c.customer_id))
-            .where(mine, o.c.status == str(OccurrenceStatus.MESSAGE)),
-        ))
+            select(o.c.status, func.count()).where(o.c.tick_id == tick_id)
+            .group_by(o.c.status)).all())
+        conn.execute(self._outbox_insert(self.policy is not None),
+                     {"outbox_tick": tick_id, "outbox_now": now})
         return (int(counts.get(str(OccurrenceStatus.HELD_OUT), 0)),
                 int(counts.get(str(OccurrenceStatus.SKIPPED), 0)),
                 int(counts.get(str(OccurrenceStatus.MESSAGE), 0)))
+
+    def _outbox_insert(self, policy: bool) -> Any:
+        """The outbox INSERT, built once (per policy mode): the tick and its instant are bound
+        when it runs, so the compiled statement is reused."""
+        built = self._outbox_statements.get(policy)
+        if built is None:
+            built = self._outbox_statements[policy] = self._build_outbox_insert(policy)
+        return built
+
+    def _build_outbox_insert(self, policy: bool) -> Any:
+        o = table(Occurrence)
+        c = table(Customer)
+        templates: dict[str, ColumnElement[Any]] = {}
+        for loaded in self.triggers:
+            trig = loaded.trigger
+            overrides = [(o.c.variant == n, literal(v.template))
+                         for n, v in trig.variants.items() if v.template]
+            templates[trig.id] = case(*overrides, else_=literal(trig.action.template)) \
+                if overrides else literal(trig.action.template)
+        template = case(templates, value=o.c.trigger_id, else_=null()) if templates else null()
+        recipient = case(*((o.c.channel == name, c.c[col]) for name, col in self.contact.items()),
+                         else_=null())
+        costs = self.config.policy.cost if policy else {}
+        cost = case(*((o.c.channel == name, literal(value)) for name, value in costs.items()),
+                    else_=null()) if costs else cast(null(), Float)
+        now = bindparam("outbox_now", type_=DateTime())
+        due = func.coalesce(o.c.not_before, now) if policy else now
+        return insert(Message).from_select(
+            ["occurrence_id", "customer_id", "trigger_id", "channel", "template", "recipient",
+             "status", "due_at", "created_at", "attempts", "cost"],
+            select(o.c.id, o.c.customer_id, o.c.trigger_id, o.c.channel, template, recipient,
+                   literal(str(MessageStatus.QUEUED)), due, now, literal(0), cost)
+            .select_from(o.join(c, c.c.id == o.c.customer_id))
+            .where(o.c.tick_id == bindparam("outbox_tick", type_=Integer()),
+                   o.c.status == str(OccurrenceStatus.MESSAGE))
+            .order_by(o.c.id),
+        )
 
     def record_broken(self, broken: dict[str, list[str]]) -> None:
         """Mark triggers that failed to load as disabled, with their errors, for the API."""
