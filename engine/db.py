@@ -16,7 +16,8 @@ from sqlalchemy.engine import Connection
 from engine.models import Counter, Lease
 from engine.models import table as model_table
 
-__all__ = ["bump_counter", "make_engine", "migrate", "read_counter", "release_lease", "take_lease"]
+__all__ = ["analyze_if_grown", "bump_counter", "make_engine", "migrate", "read_counter",
+           "release_lease", "take_lease"]
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -119,3 +120,20 @@ def release_lease(conn: Connection, name: str, holder: str) -> None:
         update(Lease).where(Lease.name == name, Lease.holder == holder)
         .values(holder=None, expires_at=None)
     )
+
+
+def analyze_if_grown(conn: Connection, name: str, changed: int, *,
+                     also: tuple[str, ...] = (), share: float = 0.1) -> bool:
+    """ANALYZE `name` (and `also`) on PostgreSQL when this transaction wrote `changed` of its rows,
+    more than 50 + `share` of the rows it had (autovacuum's threshold with the default share): the
+    statements after it, in this tick or the next before autovacuum comes round, are planned on
+    statistics that know the new rows. SQLite's statistics carry no per-value frequencies that
+    would mislead it."""
+    if conn.dialect.name != "postgresql" or changed <= 50:
+        return False
+    rows = conn.exec_driver_sql(
+        f"SELECT reltuples FROM pg_class WHERE oid = '{name}'::regclass").scalar()
+    if changed <= 50 + share * max(float(rows or 0), 0.0):
+        return False
+    conn.exec_driver_sql(f"ANALYZE {', '.join((name, *also))}")
+    return True

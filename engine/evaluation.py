@@ -69,7 +69,7 @@ from engine.assignment import (
 from engine.clock import Clock, utc_naive
 from engine.conditions import Condition
 from engine.config import ProjectConfig
-from engine.db import read_counter, release_lease, take_lease
+from engine.db import analyze_if_grown, read_counter, release_lease, take_lease
 from engine.lifecycle import Lifecycle
 from engine.metrics import SqlContext, UnknownName, resolve
 from engine.models import (
@@ -343,6 +343,11 @@ class Evaluator:
                 result.stopped = report.skipped
             result.held_out, result.skipped, result.messages = self._to_outbox(conn, tick_id,
                                                                                now)
+            # a first tick over a new base writes most of these tables' rows: the next statements
+            # (and ticks, before autovacuum) must not be planned for empty tables. Only when the
+            # tick at least doubled them: ordinary growth is autovacuum's.
+            analyze_if_grown(conn, table(Occurrence).name, sum(result.occurrences.values()),
+                             also=(table(Message).name,), share=1.0)
         conn.execute(update(Tick).where(Tick.id == tick_id).values(
             finished_at=self.clock.now(), summary={**result.as_dict(), "stages": self._stages_key}))
         return result

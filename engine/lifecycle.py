@@ -35,6 +35,7 @@ from sqlalchemy import (
 
 from engine.conditions import Condition, compile_condition
 from engine.config import LifecycleFile
+from engine.db import analyze_if_grown
 from engine.metrics import Clocked, Facts, SqlContext, UnknownName, resolve
 from engine.models import Customer, Membership, StageChange, table
 
@@ -183,13 +184,8 @@ def _refresh_statistics(conn: Connection, changed: int) -> None:
     read `stage_history`; with statistics from before the change (on a new base: every stage
     NULL, no history) the planner expects one row and nests a full aggregate of the history
     inside a loop over customers: quadratic, an hour at a million customers. ANALYZE in the
-    transaction samples its own uncommitted rows. The threshold is autovacuum's default."""
-    if conn.dialect.name != "postgresql":
-        return  # SQLite's statistics carry no per-value frequencies that would mislead it
-    rows = conn.exec_driver_sql(
-        "SELECT reltuples FROM pg_class WHERE oid = 'customers'::regclass").scalar()
-    if changed > 50 + 0.1 * max(float(rows or 0), 0.0):
-        conn.exec_driver_sql("ANALYZE customers, stage_history")
+    transaction samples its own uncommitted rows."""
+    analyze_if_grown(conn, table(Customer).name, changed, also=(table(StageChange).name,))
 
 
 def _local_date(tz: str, moment: datetime) -> date:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from datetime import date, datetime, timedelta
 
+import pytest
 from sqlalchemy import Engine, func, select
 
 from engine.clock import FixedClock
 from engine.config import ProjectConfig
+from engine.db import analyze_if_grown
 from engine.evaluation import Evaluator, TickKind
 from engine.ingest import CustomerIn, EventIn, Ingestor, MembershipIn
 from engine.models import Customer, Message, Occurrence, StageChange
@@ -172,3 +174,31 @@ def test_preview_counts_without_writing(db: Engine, clock: FixedClock,
     assert [s["external_id"] for s in preview["sample"]] == ["bob"]
     with db.connect() as conn:
         assert conn.execute(select(func.count()).select_from(StageChange)).scalar() == 0
+
+
+def test_a_tick_that_fills_empty_tables_refreshes_their_statistics(
+        db: Engine, clock: FixedClock, project_config: ProjectConfig) -> None:
+    """On PostgreSQL, a tick that writes most of the occurrences and outbox rows ANALYZEs them,
+    so that the next statements are not planned for empty tables; small ticks do not."""
+    if db.dialect.name != "postgresql":
+        pytest.skip("statistics are refreshed on PostgreSQL only")
+    ing = Ingestor(db, clock)
+    ing.customers([CustomerIn(external_id=f"c{i}", email=f"c{i}@example.com")
+                   for i in range(80)])
+    trig = make_trigger(id="everyone", when={"stage_entered": "lapsed"},
+                        action={"channel": "email", "template": "t/x"})
+
+    def reltuples(name: str) -> float:
+        with db.connect() as conn:
+            return float(conn.exec_driver_sql(
+                f"SELECT reltuples FROM pg_class WHERE oid = '{name}'::regclass").scalar())
+
+    assert reltuples("occurrences") <= 0  # never analysed
+    result = Evaluator(db, project_config, [trig], clock).tick()
+    assert result.occurrences == {"everyone": 80} and result.messages == 80
+    assert reltuples("occurrences") == 80 and reltuples("outbox") == 80
+    with db.begin() as conn:
+        assert not analyze_if_grown(conn, "occurrences", 57)  # under 50 + 10% of 80
+        assert analyze_if_grown(conn, "occurrences", 59)
+        assert not analyze_if_grown(conn, "occurrences", 130, share=1.0)  # not doubled
+        assert analyze_if_grown(conn, "occurrences", 131, share=1.0)
