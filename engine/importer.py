@@ -234,6 +234,18 @@ def _parse_datetime(raw: str, tz: ZoneInfo) -> datetime:
     return moment.replace(tzinfo=tz) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
+def _moment(row: Mapping[str, str], column: str, tz: ZoneInfo,
+            problems: list[tuple[str | None, str]]) -> datetime | None:
+    """The date and time in `column`, or None (absent, or unreadable with the problem noted)."""
+    if column not in row:
+        return None
+    try:
+        return _parse_datetime(row[column], tz)
+    except ValueError as exc:
+        problems.append((column, str(exc)))
+        return None
+
+
 def _parse_number(raw: str) -> float:
     text = re.sub(r"[\s€$£]", "", raw)
     if "," in text and "." in text:
@@ -336,21 +348,13 @@ def _convert(ctx: _Context, cells: Sequence[str]) -> BaseModel:
                 problems.append(("granted", "expected yes or no (also true/false, 1/0, "
                                             "granted/withdrawn, opt-in/opt-out)"))
             data["granted"] = granted
-        if "given_at" in row:
-            try:
-                data["occurred_at"] = _parse_datetime(row["given_at"], ctx.tz)
-            except ValueError as exc:
-                problems.append(("given_at", str(exc)))
+        data["occurred_at"] = _moment(row, "given_at", ctx.tz, problems)
         model = ConsentIn
     else:
         visit_id = row.get("visit_id")
         data = {"external_id": None if visit_id is None else VISIT_PREFIX + visit_id,
                 "customer_external_id": row.get("member_id"), "kind": "visit"}
-        if "checked_in_at" in row:
-            try:
-                data["occurred_at"] = _parse_datetime(row["checked_in_at"], ctx.tz)
-            except ValueError as exc:
-                problems.append(("checked_in_at", str(exc)))
+        data["occurred_at"] = _moment(row, "checked_in_at", ctx.tz, problems)
         model = EventIn
     if not problems:
         try:

@@ -191,7 +191,7 @@ def test_a_tick_that_fills_empty_tables_refreshes_their_statistics(
     def reltuples(name: str) -> float:
         with db.connect() as conn:
             return float(conn.exec_driver_sql(
-                f"SELECT reltuples FROM pg_class WHERE oid = '{name}'::regclass").scalar())
+                f"SELECT reltuples FROM pg_class WHERE oid = '{name}'::regclass").scalar_one())
 
     assert reltuples("occurrences") <= 0  # never analysed
     result = Evaluator(db, project_config, [trig], clock).tick()

@@ -6,7 +6,7 @@ import shutil
 from collections.abc import Sequence
 from datetime import date, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from sqlalchemy import Engine, select
@@ -17,6 +17,9 @@ from engine.importer import ImportKind, import_csv, normalise_phone, region_of_t
 from engine.ingest import CustomerIn, Ingestor, IngestResult
 from engine.models import Customer, Event, Membership
 from tests.conftest import ROOT
+
+if TYPE_CHECKING:
+    from engine.runtime import Runtime
 
 TZ = "Europe/Berlin"
 
@@ -276,23 +279,27 @@ def test_errors_beyond_the_limit_are_counted(db: Engine, clock: FixedClock,
     assert (report.rejected, report.errors_omitted) == (5, 3)
 
 
-def test_runtime_gives_club_time_zone_region_and_attribute_types(db: Engine, clock: FixedClock,
-                                                                  tmp_path: Path) -> None:
+def runtime_for(db: Engine, clock: FixedClock, tmp_path: Path, config: Path) -> Runtime:
+    """A runtime over `db` with the project's `config` and no triggers."""
     from engine.runtime import Runtime
     from engine.settings import Settings
 
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "none.yaml").write_text("version: 1\ntriggers: []\n", encoding="utf-8")
+    return Runtime.load(Settings(_env_file=None, rules_dir=rules, templates_dir=tmp_path,
+                                 config_dir=config), clock, engine=db)
+
+
+def test_runtime_gives_club_time_zone_region_and_attribute_types(db: Engine, clock: FixedClock,
+                                                                  tmp_path: Path) -> None:
     config = tmp_path / "config"
     shutil.copytree(ROOT / "config", config)
     club = (config / "club.yaml").read_text(encoding="utf-8")
     (config / "club.yaml").write_text(
         club.replace("attributes:\n", "attributes:\n  weekly_target: number\n  newsletter: bool\n"),
         encoding="utf-8")
-    rules = tmp_path / "rules"
-    rules.mkdir()
-    (rules / "none.yaml").write_text("version: 1\ntriggers: []\n", encoding="utf-8")
-    settings = Settings(_env_file=None, rules_dir=rules, templates_dir=tmp_path,
-                        config_dir=config)
-    runtime = Runtime.load(settings, clock, engine=db)
+    runtime = runtime_for(db, clock, tmp_path, config)
     members = write(tmp_path, "members.csv",
                     "member_id;phone;weekly_target;newsletter;goal\n"
                     "m1;0151 12345678;2,5;yes;strength\n"
@@ -315,14 +322,8 @@ def test_runtime_gives_club_time_zone_region_and_attribute_types(db: Engine, clo
 def test_consents_appended_to_the_log_bad_rows_reported(db: Engine, clock: FixedClock,
                                                         tmp_path: Path) -> None:
     from engine.models import ConsentEntry
-    from engine.runtime import Runtime
-    from engine.settings import Settings
 
-    rules = tmp_path / "rules"
-    rules.mkdir()
-    (rules / "none.yaml").write_text("version: 1\ntriggers: []\n", encoding="utf-8")
-    runtime = Runtime.load(Settings(_env_file=None, rules_dir=rules, templates_dir=tmp_path,
-                                    config_dir=ROOT / "config"), clock, engine=db)
+    runtime = runtime_for(db, clock, tmp_path, ROOT / "config")
     ingestor = runtime.ingestor
     ingestor.customers([CustomerIn(external_id="m1"), CustomerIn(external_id="m2")])
     path = write(tmp_path, "consents.csv",
