@@ -18,6 +18,8 @@ over all of them (never a round trip per customer):
    the higher `priority` wins (ties: trigger id), and the rest are `skipped` with the reason:
    `cycle_budget 15/15` or `frequency_cap 1 per 1d` when nothing was left before this tick,
    `lower_priority than <trigger>` when a higher-priority trigger of the same tick took the room.
+   The ranking reads only the customers a limit may touch (a temporary table filled once per
+   tick): those with several messages in the tick or earlier messages near a limit.
 
 Every skipped occurrence keeps its reason; deferred ones keep theirs while they are messages.
 Counting for caps and budgets takes every earlier message that was not refused before leaving
@@ -33,17 +35,24 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
+    Column,
     ColumnElement,
     Connection,
     DateTime,
+    Insert,
     Integer,
+    MetaData,
     String,
+    Table,
     Update,
     and_,
     bindparam,
     case,
+    exists,
     func,
+    insert,
     literal,
     not_,
     null,
@@ -69,6 +78,11 @@ __all__ = ["ContactPolicy", "PolicyReport", "next_opening"]
 
 InZones = Callable[[Collection[str]], ColumnElement[bool]]
 ByZone = Callable[[dict[str, Any], Any], ColumnElement[Any]]
+
+# The customers of a tick whom a budget or cap may touch (`ContactPolicy._at_risk`): one row per
+# customer, rebuilt in each tick's transaction, private to its connection.
+AT_RISK = Table("policy_at_risk", MetaData(), Column("customer_id", BigInteger, primary_key=True),
+                prefixes=["TEMPORARY"])
 
 MESSAGE = str(OccurrenceStatus.MESSAGE)
 SKIPPED = str(OccurrenceStatus.SKIPPED)
@@ -112,6 +126,7 @@ class PolicyReport:
 class _Statements:
     channel: tuple[Update, Update, Update]
     budgets: list[tuple[str, Update]]
+    at_risk: Insert | None  # fills AT_RISK; None: every customer is at risk (a limit of 0)
 
 
 class ContactPolicy:
@@ -146,8 +161,18 @@ class ContactPolicy:
         report.skip("channel", int(conn.execute(refuse, params).rowcount or 0))
         conn.execute(reopen, params)
         self._defer(conn, tick_id, now, zones, closed, in_zones, by_zone, report)
-        for kind, statement in self._statements.budgets:
-            report.skip(kind, int(conn.execute(statement, params).rowcount or 0))
+        budgets = self._statements.budgets
+        if budgets:
+            at_risk = self._statements.at_risk
+            if at_risk is not None:
+                AT_RISK.create(conn)
+                params["risk_since"] = now - max((cap.per for cap in
+                                                  self.policy.frequency_caps), default=timedelta(0))
+                conn.execute(at_risk, params)
+            for kind, statement in budgets:
+                report.skip(kind, int(conn.execute(statement, params).rowcount or 0))
+            if at_risk is not None:
+                AT_RISK.drop(conn)
         return report
 
     @property
@@ -155,7 +180,8 @@ class ContactPolicy:
         """The policy's statements, built once: each tick only binds its parameters (tick,
         closed zones, cap windows), so SQLAlchemy's compiled cache serves every later tick."""
         if self._built is None:
-            self._built = _Statements(self._channel_statements(), self._budget_statements())
+            self._built = _Statements(self._channel_statements(), self._budget_statements(),
+                                      self._at_risk())
         return self._built
 
     # 1. channel ----------------------------------------------------------------------------------
@@ -297,6 +323,47 @@ class ContactPolicy:
 
     # 3. budgets and caps -------------------------------------------------------------------------
 
+    def _at_risk(self) -> Insert | None:
+        """The customers a budget or cap may touch in this tick, a superset: those with two or
+        more marketing messages in the tick, or a counted message inside the longest cap window,
+        or as many counted messages in the cycle as the smallest per-cycle limit. Anyone else
+        has one message in the tick and room under every limit, so the ranking UPDATEs skip them
+        without computing their counts (most of a steady tick's customers)."""
+        cycle_limits = [k for seg in self.policy.segments.values()
+                        for k in seg.max_per_cycle.values()]
+        if self.policy.cycle_budget is not None:
+            cycle_limits.append(self.policy.cycle_budget)
+        caps = [cap.max for cap in self.policy.frequency_caps]
+        if not self.marketing or min([*cycle_limits, *caps], default=1) < 1:
+            return None
+        o = table(Occurrence)
+        o2 = table(Occurrence).alias("same_tick")
+        m = table(Message)
+        mo = table(Occurrence).alias("counted")
+        tick = bindparam("policy_tick", type_=Integer)
+        counted = and_(m.c.trigger_id.in_(self.marketing), m.c.status != MessageStatus.FAILED)
+        several = (select(func.count()).select_from(o2)
+                   .where(o2.c.customer_id == o.c.customer_id, o2.c.tick_id == tick,
+                          o2.c.status == MESSAGE, o2.c.trigger_id.in_(self.marketing))
+                   .scalar_subquery() > 1)
+        risky = [several]
+        if caps:
+            risky.append(exists().where(
+                m.c.customer_id == o.c.customer_id, counted,
+                m.c.due_at > bindparam("risk_since", type_=DateTime())))
+        if cycle_limits:
+            risky.append(
+                select(func.count()).select_from(m.join(mo, mo.c.id == m.c.occurrence_id))
+                .where(m.c.customer_id == o.c.customer_id, counted,
+                       mo.c.membership_id.is_not_distinct_from(o.c.membership_id))
+                .scalar_subquery() >= min(cycle_limits))
+        return insert(AT_RISK).from_select(
+            ["customer_id"],
+            select(o.c.customer_id)
+            .where(o.c.tick_id == tick, o.c.status == MESSAGE,
+                   o.c.trigger_id.in_(self.marketing), or_(*risky))
+            .distinct())
+
     def _budget_statements(self) -> list[tuple[str, Update]]:
         """The ranking UPDATEs, in order: cycle budget, segment caps, frequency caps."""
         if not self.marketing:
@@ -352,6 +419,11 @@ class ContactPolicy:
         return case(*((o.c.trigger_id.in_(sorted(ids)), literal(p))
                       for p, ids in sorted(groups.items())), else_=literal(0))
 
+    def _risk_filter(self, o: Any) -> list[ColumnElement[bool]]:
+        if self._at_risk() is None:
+            return []
+        return [o.c.customer_id.in_(select(AT_RISK.c.customer_id))]
+
     def _limit(self, k: int, used: Any, *, by_channel: bool, label: str,
                where: Sequence[ColumnElement[bool]] = ()) -> Update:
         """Skip the tick's marketing messages beyond `k` per customer (and channel), counting
@@ -366,7 +438,8 @@ class ContactPolicy:
                                                                order_by=order).label("winner"),
                          used.label("used"))
                   .where(o.c.tick_id == bindparam("policy_tick", type_=Integer),
-                         o.c.status == MESSAGE, o.c.trigger_id.in_(self.marketing), *where)
+                         o.c.status == MESSAGE, o.c.trigger_id.in_(self.marketing),
+                         *self._risk_filter(o), *where)
                   .subquery("ranked"))
         # `lower_priority` only when another trigger of this tick took the room
         reason = case((or_(ranked.c.used >= k, ranked.c.winner == o.c.trigger_id),

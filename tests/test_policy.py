@@ -254,6 +254,27 @@ def test_two_triggers_the_same_day_under_a_daily_cap_the_higher_priority_wins(
     assert [d[1] for d in decisions(db)[6:]] == ["skipped", "message", "message"]
 
 
+def test_a_single_firing_is_capped_by_earlier_messages_in_the_longest_window(
+        db: Engine, project_config: ProjectConfig) -> None:
+    """One marketing message per tick: only the messages already sent can fill a cap, here
+    the 7-day one after the 1-day one has passed."""
+    policy = PolicyFile(consent=ConsentDefaults(marketing_otherwise="granted"), quiet_hours={},
+                        frequency_caps=[FrequencyCap(max=1, per=timedelta(days=1)),
+                                        FrequencyCap(max=2, per=timedelta(days=7))],
+                        cycle_budget=None)
+    clock = FixedClock(datetime(2026, 3, 3, 18, 0))
+    ing = customer(db, clock)
+    ev = Evaluator(db, config(project_config, policy), [on_visit("class-invite", "email")],
+                   clock)
+    for hours in (0, 12, 36, 60):
+        clock.set(datetime(2026, 3, 3, 18, 0) + timedelta(hours=hours))
+        visit(ing, clock)
+        ev.tick()
+    assert [(d[1], d[3]) for d in decisions(db)] == [
+        ("message", None), ("skipped", "frequency_cap 1 per 1d"), ("message", None),
+        ("skipped", "frequency_cap 2 per 7d")]
+
+
 def test_ties_in_priority_are_broken_by_trigger_id(db: Engine,
                                                    project_config: ProjectConfig) -> None:
     policy = PolicyFile(consent=ConsentDefaults(marketing_otherwise="granted"), quiet_hours={},
