@@ -630,8 +630,7 @@ class Evaluator:
                    literal(str(MessageStatus.QUEUED)), due, now, literal(0), cost)
             .select_from(o.join(c, c.c.id == o.c.customer_id))
             .where(o.c.tick_id == bindparam("outbox_tick", type_=Integer()),
-                   o.c.status == str(OccurrenceStatus.MESSAGE))
-            .order_by(o.c.id),
+                   o.c.status == str(OccurrenceStatus.MESSAGE)),
         )
 
     def record_broken(self, broken: dict[str, list[str]]) -> None:

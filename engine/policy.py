@@ -59,6 +59,7 @@ from sqlalchemy import (
     or_,
     select,
     true,
+    union,
     update,
 )
 
@@ -334,35 +335,30 @@ class ContactPolicy:
         if self.policy.cycle_budget is not None:
             cycle_limits.append(self.policy.cycle_budget)
         caps = [cap.max for cap in self.policy.frequency_caps]
-        if not self.marketing or min([*cycle_limits, *caps], default=1) < 1:
+        if not self.marketing or not (cycle_limits or caps) or min([*cycle_limits, *caps]) < 1:
             return None
         o = table(Occurrence)
-        o2 = table(Occurrence).alias("same_tick")
         m = table(Message)
         mo = table(Occurrence).alias("counted")
-        tick = bindparam("policy_tick", type_=Integer)
+        mine = and_(o.c.tick_id == bindparam("policy_tick", type_=Integer),
+                    o.c.status == MESSAGE, o.c.trigger_id.in_(self.marketing))
         counted = and_(m.c.trigger_id.in_(self.marketing), m.c.status != MessageStatus.FAILED)
-        several = (select(func.count()).select_from(o2)
-                   .where(o2.c.customer_id == o.c.customer_id, o2.c.tick_id == tick,
-                          o2.c.status == MESSAGE, o2.c.trigger_id.in_(self.marketing))
-                   .scalar_subquery() > 1)
-        risky = [several]
+        # grouped, not correlated: the tick's rows of one customer have no index of their own
+        several = (select(o.c.customer_id).where(mine).group_by(o.c.customer_id)
+                   .having(func.count() > 1))
+        near: list[ColumnElement[bool]] = []
         if caps:
-            risky.append(exists().where(
+            near.append(exists().where(
                 m.c.customer_id == o.c.customer_id, counted,
                 m.c.due_at > bindparam("risk_since", type_=DateTime())))
         if cycle_limits:
-            risky.append(
+            near.append(
                 select(func.count()).select_from(m.join(mo, mo.c.id == m.c.occurrence_id))
                 .where(m.c.customer_id == o.c.customer_id, counted,
                        mo.c.membership_id.is_not_distinct_from(o.c.membership_id))
                 .scalar_subquery() >= min(cycle_limits))
         return insert(AT_RISK).from_select(
-            ["customer_id"],
-            select(o.c.customer_id)
-            .where(o.c.tick_id == tick, o.c.status == MESSAGE,
-                   o.c.trigger_id.in_(self.marketing), or_(*risky))
-            .distinct())
+            ["customer_id"], union(several, select(o.c.customer_id).where(mine, or_(*near))))
 
     def _budget_statements(self) -> list[tuple[str, Update]]:
         """The ranking UPDATEs, in order: cycle budget, segment caps, frequency caps."""
