@@ -50,6 +50,7 @@ from sqlalchemy import (
     and_,
     bindparam,
     case,
+    delete,
     exists,
     func,
     insert,
@@ -81,7 +82,7 @@ InZones = Callable[[Collection[str]], ColumnElement[bool]]
 ByZone = Callable[[dict[str, Any], Any], ColumnElement[Any]]
 
 # The customers of a tick whom a budget or cap may touch (`ContactPolicy._at_risk`): one row per
-# customer, rebuilt in each tick's transaction, private to its connection.
+# customer, refilled in each tick's transaction; a temporary table, private to its connection.
 AT_RISK = Table("policy_at_risk", MetaData(), Column("customer_id", BigInteger, primary_key=True),
                 prefixes=["TEMPORARY"])
 
@@ -166,14 +167,16 @@ class ContactPolicy:
         if budgets:
             at_risk = self._statements.at_risk
             if at_risk is not None:
-                AT_RISK.create(conn)
+                # kept per connection, emptied per tick: creating and dropping it every tick
+                # would change the schema, and SQLite re-prepares every statement after that
+                conn.exec_driver_sql(f"CREATE TEMPORARY TABLE IF NOT EXISTS {AT_RISK.name} "
+                                     "(customer_id BIGINT PRIMARY KEY)")
+                conn.execute(delete(AT_RISK))
                 params["risk_since"] = now - max((cap.per for cap in
                                                   self.policy.frequency_caps), default=timedelta(0))
                 conn.execute(at_risk, params)
             for kind, statement in budgets:
                 report.skip(kind, int(conn.execute(statement, params).rowcount or 0))
-            if at_risk is not None:
-                AT_RISK.drop(conn)
         return report
 
     @property
