@@ -663,19 +663,18 @@ class Evaluator:
                      stage_max: int, now: datetime) -> None:
         """Each trigger's watermarks, rule-file version and count: one executemany UPDATE for the
         triggers seen before, one INSERT for new ones."""
-        rows = [{"s_id": tid, "s_version": version, "s_path": path, "s_fired": fired,
-                 "s_events": event_max, "s_stages": stage_max, "s_now": now}
-                for tid, _, version, path, fired in saved]
-        known = [row for row, (_, seen, *_) in zip(rows, saved, strict=True) if seen]
-        new = [row for row, (_, seen, *_) in zip(rows, saved, strict=True) if not seen]
+        known = [{"s_id": tid, "s_version": version, "s_path": path, "s_fired": fired,
+                  "s_events": event_max, "s_stages": stage_max, "s_now": now}
+                 for tid, seen, version, path, fired in saved if seen]
+        new: list[dict[str, Any]] = [
+            {"trigger_id": tid, "rule_file_version_id": version, "path": path,
+             "fired_total": fired, "enabled": True, "errors": {}, "event_watermark": event_max,
+             "stage_watermark": stage_max, "last_tick_at": now}
+            for tid, seen, version, path, fired in saved if not seen]
         if known:
             conn.execute(self._update_state, known)
         if new:
-            conn.execute(insert(TriggerState), [
-                {"trigger_id": row["s_id"], "rule_file_version_id": row["s_version"],
-                 "path": row["s_path"], "fired_total": row["s_fired"], "enabled": True,
-                 "errors": {}, "event_watermark": event_max, "stage_watermark": stage_max,
-                 "last_tick_at": now} for row in new])
+            conn.execute(insert(TriggerState), new)
 
     @functools.cached_property
     def _update_state(self) -> Any:

@@ -63,6 +63,7 @@ from sqlalchemy import (
     union,
     update,
 )
+from sqlalchemy.schema import CreateTable
 
 from engine.config import PolicyFile, QuietHours
 from engine.models import (
@@ -169,8 +170,7 @@ class ContactPolicy:
             if at_risk is not None:
                 # kept per connection, emptied per tick: creating and dropping it every tick
                 # would change the schema, and SQLite re-prepares every statement after that
-                conn.exec_driver_sql(f"CREATE TEMPORARY TABLE IF NOT EXISTS {AT_RISK.name} "
-                                     "(customer_id BIGINT PRIMARY KEY)")
+                conn.execute(CreateTable(AT_RISK, if_not_exists=True))
                 conn.execute(delete(AT_RISK))
                 params["risk_since"] = now - max((cap.per for cap in
                                                   self.policy.frequency_caps), default=timedelta(0))
@@ -184,8 +184,10 @@ class ContactPolicy:
         """The policy's statements, built once: each tick only binds its parameters (tick,
         closed zones, cap windows), so SQLAlchemy's compiled cache serves every later tick."""
         if self._built is None:
-            self._built = _Statements(self._channel_statements(), self._budget_statements(),
-                                      self._at_risk())
+            at_risk = self._at_risk()
+            self._built = _Statements(self._channel_statements(),
+                                      self._budget_statements(prefiltered=at_risk is not None),
+                                      at_risk)
         return self._built
 
     # 1. channel ----------------------------------------------------------------------------------
@@ -363,8 +365,9 @@ class ContactPolicy:
         return insert(AT_RISK).from_select(
             ["customer_id"], union(several, select(o.c.customer_id).where(mine, or_(*near))))
 
-    def _budget_statements(self) -> list[tuple[str, Update]]:
-        """The ranking UPDATEs, in order: cycle budget, segment caps, frequency caps."""
+    def _budget_statements(self, *, prefiltered: bool) -> list[tuple[str, Update]]:
+        """The ranking UPDATEs, in order: cycle budget, segment caps, frequency caps; reading
+        only the customers in AT_RISK when `prefiltered`."""
         if not self.marketing:
             return []
         o = table(Occurrence)
@@ -378,7 +381,7 @@ class ContactPolicy:
                            mo.c.membership_id.is_not_distinct_from(o.c.membership_id))
                     .scalar_subquery())
             k = self.policy.cycle_budget
-            out.append(("cycle_budget", self._limit(k, used, by_channel=False,
+            out.append(("cycle_budget", self._limit(k, used, prefiltered, by_channel=False,
                                                     label=f"cycle_budget {k}/{k}")))
         for name, seg in sorted(self.policy.segments.items()):
             for channel, k in sorted(seg.max_per_cycle.items()):
@@ -389,7 +392,8 @@ class ContactPolicy:
                                mo.c.membership_id.is_not_distinct_from(o.c.membership_id))
                         .scalar_subquery())
                 out.append(("segment_budget", self._limit(
-                    k, used, by_channel=True, label=f"segment_budget {name}: {channel} {k}/{k}",
+                    k, used, prefiltered, by_channel=True,
+                    label=f"segment_budget {name}: {channel} {k}/{k}",
                     where=[o.c.channel == channel, self._in_segment(o, name)])))
         for i, cap in enumerate(self.policy.frequency_caps):
             since = bindparam(f"since_{i}", type_=DateTime())
@@ -399,7 +403,7 @@ class ContactPolicy:
                            *scope)
                     .scalar_subquery())
             out.append(("frequency_cap", self._limit(
-                cap.max, used, by_channel=cap.channel is not None,
+                cap.max, used, prefiltered, by_channel=cap.channel is not None,
                 label=f"frequency_cap {cap.label}",
                 where=[o.c.channel == cap.channel] if cap.channel else [])))
         return out
@@ -418,16 +422,12 @@ class ContactPolicy:
         return case(*((o.c.trigger_id.in_(sorted(ids)), literal(p))
                       for p, ids in sorted(groups.items())), else_=literal(0))
 
-    def _risk_filter(self, o: Any) -> list[ColumnElement[bool]]:
-        if self._at_risk() is None:
-            return []
-        return [o.c.customer_id.in_(select(AT_RISK.c.customer_id))]
-
-    def _limit(self, k: int, used: Any, *, by_channel: bool, label: str,
+    def _limit(self, k: int, used: Any, prefiltered: bool, *, by_channel: bool, label: str,
                where: Sequence[ColumnElement[bool]] = ()) -> Update:
         """Skip the tick's marketing messages beyond `k` per customer (and channel), counting
         `used` (correlated on the occurrence) first and the higher priorities of the tick next."""
         o = table(Occurrence)
+        at_risk = [o.c.customer_id.in_(select(AT_RISK.c.customer_id))] if prefiltered else []
         partition = [o.c.customer_id, o.c.channel] if by_channel else [o.c.customer_id]
         order = [self._priority(o).desc(), o.c.trigger_id]
         ranked = (select(o.c.id,
@@ -438,7 +438,7 @@ class ContactPolicy:
                          used.label("used"))
                   .where(o.c.tick_id == bindparam("policy_tick", type_=Integer),
                          o.c.status == MESSAGE, o.c.trigger_id.in_(self.marketing),
-                         *self._risk_filter(o), *where)
+                         *at_risk, *where)
                   .subquery("ranked"))
         # `lower_priority` only when another trigger of this tick took the room
         reason = case((or_(ranked.c.used >= k, ranked.c.winner == o.c.trigger_id),
