@@ -176,7 +176,8 @@ class Ingestor:
                 _upsert(conn, table(Membership), "external_id", chunk,
                         ["customer_id", "plan", "price", "starts_on", "ends_on", "status",
                          "updated_at"])
-            self._refresh(conn, {p["customer_id"] for p in payload}, now)
+            self._refresh(conn, {p["customer_id"] for p in payload}, now,
+                          bump_counter(conn, "change"))
         result.written = len(payload)
         return result
 
@@ -191,13 +192,18 @@ class Ingestor:
                                 "properties": r.properties})
             if result.errors:
                 return result
+            # The counter first: its row lock orders concurrent event batches, so event ids
+            # are handed out in commit order and no batch commits below a tick's event
+            # watermark (on PostgreSQL a batch holding lower ids could otherwise commit after
+            # a tick had read a later batch's higher ones, and never be read).
+            seq = bump_counter(conn, "change")
             keyed = [p for p in payload if p["external_id"] is not None]
             for chunk in _chunks(keyed):
                 _upsert(conn, table(Event), "external_id", chunk, None)
             plain = [p for p in payload if p["external_id"] is None]
             for chunk in _chunks(plain):
                 conn.execute(table(Event).insert(), chunk)
-            self._refresh(conn, {p["customer_id"] for p in payload}, now)
+            self._refresh(conn, {p["customer_id"] for p in payload}, now, seq)
         result.written = len(payload)
         return result
 
@@ -222,12 +228,13 @@ class Ingestor:
         result.written = len(payload)
         return result
 
-    def _refresh(self, conn: Connection, customer_ids: Iterable[int], now: datetime) -> None:
-        """Recompute the denormalised activity columns of these customers, set-wise."""
+    def _refresh(self, conn: Connection, customer_ids: Iterable[int], now: datetime,
+                 seq: int) -> None:
+        """Recompute the denormalised activity columns of these customers, set-wise, and mark
+        them changed at `seq`."""
         ids = sorted(customer_ids)
         if not ids:
             return
-        seq = bump_counter(conn, "change")
         c = table(Customer)
         m = table(Membership)
         e = table(Event)

@@ -6,16 +6,20 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, event, func, select
 
 from engine.clock import FixedClock
-from engine.ingest import CustomerIn, Ingestor, MembershipIn
-from engine.models import Message, Occurrence
-from tests.conftest import ROOT
+from engine.config import ProjectConfig
+from engine.evaluation import Evaluator
+from engine.ingest import CustomerIn, EventIn, Ingestor, MembershipIn
+from engine.models import Customer, Message, Occurrence
+from tests.conftest import ROOT, make_trigger
 
 
 def test_two_tick_processes(db: Engine, clock: FixedClock) -> None:
@@ -52,6 +56,62 @@ def test_two_tick_processes(db: Engine, clock: FixedClock) -> None:
         per_occurrence = conn.execute(select(func.count(Message.occurrence_id.distinct()))).scalar()
     assert occurrences == keys == sum(created)
     assert messages == per_occurrence
+
+
+def test_event_batch_committing_late_is_not_skipped(db: Engine, clock: FixedClock,
+                                                    project_config: ProjectConfig) -> None:
+    """Batch A inserts its visit and stalls before committing; batch B arrives meanwhile; a tick
+    runs, then both commit. The next tick still fires for both visits: B cannot commit ids
+    above A's while A is open, so the first tick's event watermark does not pass A's visit."""
+    if db.dialect.name != "postgresql":
+        pytest.skip("SQLite has one writer at a time: event batches cannot interleave there")
+    ing = Ingestor(db, clock)
+    today = clock.now().date()
+    ing.customers([CustomerIn(external_id=name, email=f"{name}@example.com")
+                   for name in ("ann", "bob")])
+    ing.memberships([MembershipIn(external_id=f"m-{name}", customer_external_id=name,
+                                  starts_on=today - timedelta(days=60),
+                                  ends_on=today + timedelta(days=300)) for name in ("ann", "bob")])
+    ev = Evaluator(db, project_config, [make_trigger(id="visit", when={"event": "visit"})], clock)
+    ev.tick()
+
+    inserted, release = threading.Event(), threading.Event()
+    owner: list[int] = []  # the thread of batch A, the one to stall
+
+    def stall(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.startswith("INSERT INTO events") and threading.get_ident() in owner:
+            inserted.set()
+            release.wait(30)
+
+    event.listen(db, "after_cursor_execute", stall)
+    try:
+        visit = clock.now()
+
+        def batch_a() -> None:
+            owner.append(threading.get_ident())
+            ing.events([EventIn(customer_external_id="ann", kind="visit", occurred_at=visit)])
+
+        a = threading.Thread(target=batch_a)
+        b = threading.Thread(target=lambda: ing.events(
+            [EventIn(customer_external_id="bob", kind="visit", occurred_at=visit)]))
+        a.start()
+        assert inserted.wait(30)
+        b.start()
+        b.join(2)  # B waits for A (or, were batches unordered, commits now)
+        clock.advance(timedelta(minutes=1))
+        ev.tick()
+        release.set()
+        a.join(30)
+        b.join(30)
+    finally:
+        release.set()
+        event.remove(db, "after_cursor_execute", stall)
+    clock.advance(timedelta(minutes=1))
+    ev.tick()
+    with db.connect() as conn:
+        fired = set(conn.execute(select(Customer.external_id).join(
+            Occurrence, Occurrence.customer_id == Customer.id)).scalars())
+    assert fired == {"ann", "bob"}
 
 
 @pytest.mark.parametrize("level,code", [("OFF", 0), ("NORMAL", 1), ("FULL", 2)])
