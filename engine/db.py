@@ -8,16 +8,17 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, insert, select, update
+from sqlalchemy import Engine, Table, create_engine, delete, event, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
+from sqlalchemy.schema import CreateTable
 
 from engine.models import Counter, Lease
 from engine.models import table as model_table
 
-__all__ = ["analyze_if_grown", "bump_counter", "make_engine", "migrate", "read_counter",
-           "release_lease", "take_lease"]
+__all__ = ["analyze_if_grown", "bump_counter", "empty_scratch", "make_engine", "migrate",
+           "read_counter", "release_lease", "take_lease"]
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -137,3 +138,16 @@ def analyze_if_grown(conn: Connection, name: str, changed: int, *,
         return False
     conn.exec_driver_sql(f"ANALYZE {', '.join((name, *also))}")
     return True
+
+
+def empty_scratch(conn: Connection, scratch: Table) -> None:
+    """Make the temporary table `scratch` exist on this connection, empty.
+
+    Kept per connection and emptied per use: creating and dropping it each time would change the
+    schema, and SQLite re-prepares every statement after that. PostgreSQL gets TRUNCATE: a DELETE
+    would leave dead rows behind, and autovacuum never visits temporary tables."""
+    conn.execute(CreateTable(scratch, if_not_exists=True))
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"TRUNCATE {scratch.name}")
+    else:
+        conn.execute(delete(scratch))

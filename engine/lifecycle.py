@@ -22,6 +22,7 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Select,
+    Table,
     and_,
     case,
     func,
@@ -137,10 +138,11 @@ class Lifecycle:
         return union_all(*parts).subquery("restaged").select()
 
     def record_changes(self, conn: Connection, base: Select[Any], ctx: SqlContext, tick_id: int,
-                       now: datetime) -> int:
+                       now: datetime, *, copy: Table | None = None) -> int:
         """Insert a stage_history row for every customer in `base` whose stage or cycle changed,
-        then move those customers to their new stage. `base` selects from customers `c` joined
-        with the current membership; it may carry extra filters."""
+        then move those customers to their new stage. `base` selects from the customers of `ctx`
+        (the table, or `copy`: a copy of some of its rows, moved too) joined with the current
+        membership; it may carry extra filters."""
         c = ctx.customer
         computed = (
             base.add_columns(
@@ -167,12 +169,13 @@ class Lifecycle:
                  "tick_id"], changed)
         ).rowcount
         if inserted:
-            conn.execute(
-                update(table(Customer))
-                .where(table(Customer).c.id == sh.c.customer_id, sh.c.tick_id == tick_id)
-                .values(stage=sh.c.stage, stage_membership_id=sh.c.membership_id,
-                        stage_since=sh.c.entered_at)
-            )
+            for target in (table(Customer), *([copy] if copy is not None else [])):
+                conn.execute(
+                    update(target)
+                    .where(target.c.id == sh.c.customer_id, sh.c.tick_id == tick_id)
+                    .values(stage=sh.c.stage, stage_membership_id=sh.c.membership_id,
+                            stage_since=sh.c.entered_at)
+                )
             _refresh_statistics(conn, int(inserted))
         return int(inserted)
 

@@ -50,7 +50,6 @@ from sqlalchemy import (
     and_,
     bindparam,
     case,
-    delete,
     exists,
     func,
     insert,
@@ -63,9 +62,9 @@ from sqlalchemy import (
     union,
     update,
 )
-from sqlalchemy.schema import CreateTable
 
 from engine.config import PolicyFile, QuietHours
+from engine.db import empty_scratch
 from engine.models import (
     ConsentEntry,
     Customer,
@@ -168,10 +167,7 @@ class ContactPolicy:
         if budgets:
             at_risk = self._statements.at_risk
             if at_risk is not None:
-                # kept per connection, emptied per tick: creating and dropping it every tick
-                # would change the schema, and SQLite re-prepares every statement after that
-                conn.execute(CreateTable(AT_RISK, if_not_exists=True))
-                conn.execute(delete(AT_RISK))
+                empty_scratch(conn, AT_RISK)
                 params["risk_since"] = now - max((cap.per for cap in
                                                   self.policy.frequency_caps), default=timedelta(0))
                 conn.execute(at_risk, params)

@@ -13,7 +13,7 @@ from sqlalchemy import Engine, delete, insert
 from engine.clock import FixedClock
 from engine.conditions import compile_condition
 from engine.config import ProjectConfig
-from engine.evaluation import Evaluator, TickKind
+from engine.evaluation import CHANGED_CUSTOMERS, CHANGED_MEMBERSHIPS, Evaluator
 from engine.explain import load_facts
 from engine.models import Customer, Event, Membership
 
@@ -125,7 +125,8 @@ def test_sql_and_explain_agree(db: Engine, project_config: ProjectConfig,
     compiled = [compile_condition(c) for c in conditions]
     evaluator = Evaluator(db, project_config, [], FixedClock(now))
     with db.connect() as conn:
-        ctx, base = evaluator._context(conn, now, TickKind.FULL, 0)
+        evaluator._local_days(conn, now)
+        ctx, base = evaluator._context(now)
         query = base.add_columns(ctx.customer.c.id).where(*(c.sql(ctx) for c in compiled))
         by_sql = set(conn.execute(query).scalars())
         by_python = {
@@ -137,8 +138,19 @@ def test_sql_and_explain_agree(db: Engine, project_config: ProjectConfig,
         stages_py = {i: evaluator.lifecycle.stage_py(
             load_facts(conn, i, now, project_config.club.timezone))
             for i in range(1, len(customers) + 1)}
+        # an incremental tick evaluates over its copies of the changed customers: the same
+        # conditions and stages there (every customer here counts as changed)
+        evaluator._copy_changed(conn, -1)
+        copy, copied = evaluator._context(now, customers=CHANGED_CUSTOMERS,
+                                          memberships=CHANGED_MEMBERSHIPS)
+        by_copy = set(conn.execute(copied.add_columns(copy.customer.c.id).where(
+            *(c.sql(copy) for c in compiled))).scalars())
+        stages_copy = dict(conn.execute(copied.add_columns(
+            copy.customer.c.id, evaluator.lifecycle.stage_sql(copy))).all())
     assert by_sql == by_python, conditions
     assert stages_sql == stages_py
+    assert by_copy == by_sql, conditions
+    assert stages_copy == stages_sql
 
 
 def test_local_calendar_day_counts() -> None:
