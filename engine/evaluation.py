@@ -319,13 +319,13 @@ class Evaluator:
                     select(*m.columns).select_from(m.join(cc, cc.c.current_membership_id
                                                           == m.c.id))))
 
-    def _in_zones(self, zones: Collection[str], *,
-                  customers: FromClause | None = None) -> ColumnElement[bool]:
+    def _in_zones(self, zones: Collection[str], *, customers: FromClause | None = None,
+                  indexed: bool = True) -> ColumnElement[bool]:
         """The customer's time zone (or the club's, if they have none) is one of `zones`."""
         c = table(Customer) if customers is None else customers
         if set(self._zones) <= set(zones):
             return true()
-        tz: ColumnElement[Any] = c.c.timezone
+        tz: ColumnElement[Any] = c.c.timezone if indexed else unindexed(c.c.timezone)
         named = tz.in_(sorted(zones))
         # Written on the bare column so that the timezone index can serve it.
         return or_(tz.is_(None), named) if self.default_tz in zones else named
@@ -439,6 +439,11 @@ class Evaluator:
             ctx = changed
         c, m, days = ctx.customer, ctx.membership, self._days
         joined: FromClause = c.outerjoin(m, m.c.id == c.c.current_membership_id)
+        # The read is driven by one indexed term: the anchor date (date triggers), the range of
+        # a day count, or else the stage and time zone (schedule triggers). The other terms are
+        # written so that SQLite's planner, which has no statistics, does not pick them instead.
+        ranges = self._day_count_ranges(loaded, now, c)
+        stage_drives = isinstance(when, ScheduleWhen) and not ranges
         event_id: ColumnElement[Any] = cast(null(), BigInteger)
         slot: ColumnElement[Any] = literal(now.date().isoformat())
         filters: list[ColumnElement[Any]] = []
@@ -492,7 +497,7 @@ class Evaluator:
             joined = c.join(m, m.c.id == c.c.current_membership_id)
             filters.append(anchor_col.in_(sorted(zones_by_anchor)))
             filters.append(or_(*(
-                and_(anchor_col == anchor, self._in_zones(zones, customers=c))
+                and_(anchor_col == anchor, self._in_zones(zones, customers=c, indexed=False))
                 for anchor, zones in zones_by_anchor.items())))
             if len(fire_dates) == 1:
                 slot = literal(next(iter(fire_dates.values())).isoformat())
@@ -503,12 +508,13 @@ class Evaluator:
             slots = {d.tz: s for d in days if (s := _latest_slot(when.schedule, d)) is not None}
             if not slots:
                 return None
-            filters.append(self._in_zones(slots, customers=c))
+            filters.append(self._in_zones(slots, customers=c, indexed=not ranges))
             slot = self._by_zone(slots, String(32), customers=c)
 
         if trig.stages:
-            filters.append(c.c.stage.in_(trig.stages))
-        filters.extend(self._day_count_ranges(loaded, now, c))
+            filters.append((c.c.stage if stage_drives else unindexed(c.c.stage))
+                           .in_(trig.stages))
+        filters.extend(ranges)
         once = trig.once
         if once == Scope.PER_CYCLE:
             scope = literal("cycle:") + cast(func.coalesce(m.c.id, 0), String)
