@@ -13,6 +13,7 @@ The stage CASE is written for config/lifecycle.yaml and the conditions for bench
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -91,6 +92,11 @@ class Dialect:
             return f"(({epoch} - CAST(strftime('%s', {ts}) AS INTEGER)) / 86400)"
         return f"(({epoch} - CAST(extract(epoch from date_trunc('second', {ts})) AS BIGINT)) / 86400)"
 
+    def unindexed(self, column: str) -> str:
+        """The column, written so that SQLite's planner does not read the term through an index
+        (a unary +): without statistics it would otherwise pick any indexed equality."""
+        return f"+{column}" if self.name == "sqlite" else column
+
     def values(self, alias: str, names: list[str], rows: list[tuple[str, ...]]) -> str:
         body = ", ".join(f"({', '.join(r)})" for r in rows)
         if self.name == "sqlite":
@@ -127,6 +133,12 @@ class Floor:
     def dslv(self) -> str:
         return self.d.days_since("c.last_visit_at", self.now)
 
+    def last_visit_range(self, k: int) -> str:
+        """The last visits for which whole days since them can be k (truncated to the second)."""
+        high = self.now - timedelta(days=k) if k else self.now + timedelta(days=1)
+        return (f"c.last_visit_at BETWEEN {self.d.ts(self.now - timedelta(days=k + 1))}"
+                f" AND {self.d.ts(high + timedelta(seconds=1))}")
+
     def condition(self, text: str) -> str:
         return CONDITIONS[text].format(v30=self.v30(), dslv=self.dslv())
 
@@ -158,8 +170,16 @@ class Floor:
         event_wm, stage_wm = self.watermarks.get(trig.id, (0, 0))
         source = "customers c LEFT JOIN memberships m ON m.id = c.current_membership_id"
         where = [self.condition(c) for c in trig.conditions]
+        # As a careful hand would write it for a database without planner statistics: a date
+        # trigger is read through its anchor date, `days since the last visit == k` through the
+        # last visit's range, a schedule trigger otherwise through the stage.
+        ranges = [self.last_visit_range(int(match.group(1))) for c in trig.conditions
+                  if (match := re.fullmatch(r"days_since_last_visit == (\d+)", c))]
+        stage = ("c.stage" if isinstance(when, ScheduleWhen) and not ranges
+                 else self.d.unindexed("c.stage"))
+        where[:0] = ranges
         if trig.stages:
-            where.insert(0, "c.stage IN (" + ", ".join(f"'{s}'" for s in trig.stages) + ")")
+            where.insert(0, f"{stage} IN (" + ", ".join(f"'{s}'" for s in trig.stages) + ")")
         if isinstance(when, EventWhen):
             if self.event_max <= event_wm:
                 return None
