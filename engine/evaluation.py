@@ -173,6 +173,18 @@ class LocalDay:
     local_now: datetime
 
 
+@dataclass(frozen=True)
+class _Assigned:
+    """What the occurrence INSERT of one trigger writes besides the candidates' own columns."""
+
+    arm: ColumnElement[Any]
+    variant: ColumnElement[Any]
+    channel: ColumnElement[Any]
+    status: ColumnElement[Any]
+    reason: ColumnElement[Any]
+    anchors: tuple[Any, ...]  # the objects whose ids key the entry, kept alive with it
+
+
 def local_dates(zones: Iterable[str], now: datetime) -> list[LocalDay]:
     """For each time zone, the local date and time at the UTC instant `now`."""
     out = []
@@ -210,6 +222,8 @@ class Evaluator:
         self.policy = ContactPolicy(config.policy, self.contact,
                                     [t.trigger for t in self.triggers]) if policy else None
         self._outbox_statements: dict[bool, Any] = {}  # policy on/off -> the outbox INSERT
+        self._assignments: dict[tuple[Any, ...], _Assigned] = {}  # see _assignment
+        self._aliases: dict[str, FromClause] = {}  # memberships (or its copy) -> alias "m"
 
     # the tick ----------------------------------------------------------------------------------
 
@@ -281,12 +295,17 @@ class Evaluator:
         self._zones = {self.default_tz, *_zones(conn)}
         self._days = local_dates(self._zones, now)
 
-    def _context(self, now: datetime, *, customers: FromClause | None = None,
-                 memberships: FromClause | None = None) -> tuple[SqlContext, Select[Any]]:
+    def _context(self, now: datetime, *, customers: Table | None = None,
+                 memberships: Table | None = None) -> tuple[SqlContext, Select[Any]]:
         """The evaluation context and the base FROM (customers and their current membership):
         the tables themselves, or the given copies of some of their rows."""
         c = table(Customer) if customers is None else customers
-        m = (table(Membership) if memberships is None else memberships).alias("m")
+        source = table(Membership) if memberships is None else memberships
+        # one alias per source for the evaluator's life: expressions built over its columns
+        # are reused from tick to tick (`_assignment`)
+        if source.name not in self._aliases:
+            self._aliases[source.name] = source.alias("m")
+        m = self._aliases[source.name]
         # Each customer's local date as an expression, not a join: at any instant the zones share
         # two or three dates, so this is a CASE over a few zone lists, or one constant.
         local_today = self._by_zone({d.tz: d.today for d in self._days}, Date(), customers=c)
@@ -358,6 +377,8 @@ class Evaluator:
         versions = self._rule_file_versions(conn, now)
 
         self._local_days(conn, now)
+        params = ({} if self.policy is None
+                  else self.policy.params(tick_id, now, self._zones, self.default_tz))
         ctx, base = self._context(now)
         changed: SqlContext | None = None
         if kind is TickKind.INCREMENTAL:
@@ -383,16 +404,16 @@ class Evaluator:
             stage_wm = state.stage_watermark if state else 0
             candidates = self._candidates(loaded, ctx, changed, now, (event_wm, event_max),
                                           (stage_wm, stage_max))
-            count = self._insert_occurrences(conn, loaded, candidates, ctx, tick_id, now,
-                                             versions.get(loaded.path))
+            count = self._insert_occurrences(conn, loaded, candidates, tick_id, now,
+                                             versions.get(loaded.path), params)
             result.occurrences[trig.id] = count
             saved.append((trig.id, state is not None, versions.get(loaded.path), loaded.path,
                           count))
         self._save_states(conn, saved, event_max, stage_max, now)
         if any(result.occurrences.values()):
             if self.policy is not None:
-                report = self.policy.apply(conn, tick_id, now, self._zones, self.default_tz,
-                                           self._in_zones, self._by_zone)
+                report = self.policy.apply(conn, params, now, self._zones, self._in_zones,
+                                           self._by_zone)
                 result.deferred = report.deferred
                 result.stopped = report.skipped
             result.held_out, result.skipped, result.messages = self._to_outbox(conn, tick_id,
@@ -427,8 +448,9 @@ class Evaluator:
 
     def _candidates(self, loaded: LoadedTriggerLike, ctx: SqlContext, changed: SqlContext | None,
                     now: datetime, events: tuple[int, int],
-                    stages: tuple[int, int]) -> Select[Any] | None:
-        """customer_id, membership_id, event_id, scope_key of everyone the trigger fires for.
+                    stages: tuple[int, int]) -> tuple[Select[Any], FromClause] | None:
+        """customer_id, membership_id, event_id, scope_key of everyone the trigger fires for,
+        and the customer rows it reads (the table, or the incremental tick's copy).
 
         Event and stage-entry triggers read what arrived since their watermarks, over the whole
         base; in an incremental tick (`changed`: the copies of the changed customers), date and
@@ -536,7 +558,7 @@ class Evaluator:
             c.c.id.label("customer_id"), m.c.id.label("membership_id"),
             event_id.label("event_id"), scope.label("scope_key"), c.c.stage.label("stage"),
             *(c.c[column] for column in sorted(set(self.contact.values()))),
-        ).select_from(joined).where(*filters)
+        ).select_from(joined).where(*filters), c
 
     def _day_count_ranges(self, loaded: LoadedTriggerLike, now: datetime,
                           c: FromClause) -> list[ColumnElement[bool]]:
@@ -559,30 +581,22 @@ class Evaluator:
         return out
 
     def _insert_occurrences(self, conn: Connection, loaded: LoadedTriggerLike,
-                            candidates: Select[Any] | None, ctx: SqlContext, tick_id: int,
-                            now: datetime, version_id: int | None) -> int:
+                            found: tuple[Select[Any], FromClause] | None, tick_id: int,
+                            now: datetime, version_id: int | None, params: dict[str, Any]) -> int:
         """Insert one occurrence per candidate not already recorded, with its arm, variant,
-        channel and status decided in the same statement."""
-        if candidates is None:
+        channel and status decided in the same statement: with the contact policy, the
+        channel is the policy's choice (consent, segment, quiet hours) and a candidate no
+        channel can take is skipped with each channel's reason."""
+        if found is None:
             return 0
+        candidates, customers = found
         trig = loaded.trigger
         # The assignment is written over the candidates' own expressions, in one flat SELECT:
         # no subquery layers for the database to flatten, nor column proxies to build per tick.
         cols: dict[str, ColumnElement[Any]] = {
             col.name: col.element if isinstance(col, Label) else col
             for col in candidates.selected_columns}
-        arm, variant = self._arm_and_variant(trig, cols)
-        channel = self._channel(trig, {**cols, "variant": variant})
-        whens: list[tuple[ColumnElement[bool], ColumnElement[Any]]] = []
-        reasons: list[tuple[ColumnElement[bool], ColumnElement[Any]]] = []
-        if arm is not None:
-            held = arm == "holdout"
-            whens.append((held, literal(str(OccurrenceStatus.HELD_OUT))))
-            reasons.append((held, literal("holdout")))
-        whens.append((channel.is_(None), literal(str(OccurrenceStatus.SKIPPED))))
-        reasons.append((channel.is_(None), literal("no_contact_point")))
-        status = case(*whens, else_=literal(str(OccurrenceStatus.MESSAGE)))
-        reason = case(*reasons, else_=null())
+        assigned = self._assignment(trig, cols, customers)
         stmt = insert_ignore(conn, Occurrence.__table__).from_select(
             ["trigger_id", "customer_id", "scope_key", "membership_id", "event_id",
              "rule_file_version_id", "tick_id", "fired_at", "stage", "arm", "variant", "channel",
@@ -594,15 +608,52 @@ class Evaluator:
                 literal(version_id, BigInteger).label("rule_file_version_id"),
                 literal(tick_id).label("tick_id"), literal(now).label("fired_at"),
                 cols["stage"].label("stage"),
-                (literal("treatment") if arm is None else arm).label("arm"),
-                variant.label("variant"), channel.label("channel"), status.label("status"),
-                reason.label("reason"))
+                assigned.arm.label("arm"), assigned.variant.label("variant"),
+                assigned.channel.label("channel"), assigned.status.label("status"),
+                assigned.reason.label("reason"))
             # SQLite needs a WHERE to read ON CONFLICT after INSERT ... SELECT unambiguously.
             .where(true()),
         )
-        return int(conn.execute(stmt).rowcount)
+        return int(conn.execute(stmt, params).rowcount)
 
     # arm, variant, channel; the outbox -----------------------------------------------------------
+
+    def _assignment(self, trig: Trigger, cols: dict[str, ColumnElement[Any]],
+                    customers: FromClause) -> _Assigned:
+        """Arm, variant, channel, status and reason of the trigger's occurrences, as expressions
+        over the candidates' columns; built once per trigger and source of customer rows (the
+        columns are the same objects every tick), not per tick."""
+        key = (trig.id, id(customers), id(cols["customer_id"]), id(cols["membership_id"]))
+        built = self._assignments.get(key)
+        if built is not None:
+            return built
+        arm, variant = self._arm_and_variant(trig, cols)
+        channel = self._channel(trig, {**cols, "variant": variant})
+        whens: list[tuple[ColumnElement[bool], ColumnElement[Any]]] = []
+        reasons: list[tuple[ColumnElement[bool], ColumnElement[Any]]] = []
+        if arm is not None:
+            held = arm == "holdout"
+            whens.append((held, literal(str(OccurrenceStatus.HELD_OUT))))
+            reasons.append((held, literal("holdout")))
+        if self.policy is None:
+            whens.append((channel.is_(None), literal(str(OccurrenceStatus.SKIPPED))))
+            reasons.append((channel.is_(None), literal("no_contact_point")))
+        else:
+            # The policy's choice, computed once per row: the policy then skips, with their
+            # reasons, the few rows it left without a channel (`ContactPolicy.apply`). Held-out
+            # occurrences keep the channel a contact point allows (they are never sent).
+            chosen = self.policy.channel_sql(trig, customers, variant, cols["customer_id"])
+            channel = chosen if arm is None else case((arm == "holdout", channel), else_=chosen)
+        status: ColumnElement[Any] = literal(str(OccurrenceStatus.MESSAGE))
+        reason: ColumnElement[Any] = null()
+        if whens:
+            status, reason = case(*whens, else_=status), case(*reasons, else_=reason)
+        # the key's objects are kept with the entry, so that their ids are not reused
+        assigned = _Assigned(literal("treatment") if arm is None else arm, variant, channel,
+                             status, reason, (customers, cols["customer_id"],
+                                              cols["membership_id"]))
+        self._assignments[key] = assigned
+        return assigned
 
     def _arm_and_variant(self, trig: Trigger, cols: dict[str, ColumnElement[Any]],
                          ) -> tuple[ColumnElement[Any] | None, ColumnElement[Any]]:

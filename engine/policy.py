@@ -1,14 +1,15 @@
 """The contact policy: between evaluation and the outbox, set-wise, in the tick's transaction.
 
-For the occurrences a tick has just written, in this order, each step one or a few statements
-over all of them (never a round trip per customer):
+For the occurrences a tick writes, in this order, each step set-wise over all of them (never a
+round trip per customer):
 
 1. **channel**: the first of the trigger's (or variant's) channel and its fallbacks that the
    customer can receive: a contact point, consent for the trigger's purpose (the latest
    `consent_log` entry, else the channel's default in `config/policy.yaml`), allowed for the
    customer's segment, and, for a trigger with `in_quiet_hours: fallback`, open now in the
    customer's time zone. None: `skipped` with each channel's reason
-   (`no_consent (sms); no_contact_point (email)`).
+   (`no_consent (sms); no_contact_point (email)`). The evaluator writes each occurrence with the
+   chosen channel (`channel_sql`); this step only skips the rows left without one.
 2. **quiet hours**: a message due while its channel is closed in the customer's local time is
    deferred to the next local opening (`deferred: quiet_hours until 2026-03-09T08:00-07:00`);
    the outbox message is due then. Local times come from `zoneinfo`, so daylight-saving days
@@ -41,6 +42,7 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     DateTime,
+    FromClause,
     Insert,
     Integer,
     MetaData,
@@ -126,7 +128,7 @@ class PolicyReport:
 
 @dataclass(frozen=True)
 class _Statements:
-    channel: tuple[Update, Update, Update]
+    refuse: Update
     budgets: list[tuple[str, Update]]
     at_risk: Insert | None  # fills AT_RISK; None: every customer is at risk (a limit of 0)
 
@@ -145,31 +147,40 @@ class ContactPolicy:
 
     # the tick's step -----------------------------------------------------------------------------
 
-    def apply(self, conn: Connection, tick_id: int, now: datetime, zones: Collection[str],
-              default_tz: str, in_zones: InZones, by_zone: ByZone) -> PolicyReport:
-        """Decide channel, deferral and budgets for the occurrences of tick `tick_id`."""
-        report = PolicyReport()
-        closed = {name: {tz for tz in zones if next_opening(window, tz, now) is not None}
-                  for name, window in self.policy.quiet_hours.items()}
+    def params(self, tick_id: int, now: datetime, zones: Collection[str],
+               default_tz: str) -> dict[str, Any]:
+        """The values the policy's expressions and statements are bound to in one tick: the tick,
+        the zones where each quiet-hours channel is shut now (`closed_<i>`, and whether the
+        club's zone is one of them: `closed_<i>_club`), the start of each cap's window."""
         params: dict[str, Any] = {"policy_tick": tick_id}
         for i, name in enumerate(self._quiet_channels):
-            shut = closed.get(name, set())
+            shut = self._closed(name, zones, now)
             params[f"closed_{i}"] = sorted(shut)
             params[f"closed_{i}_club"] = default_tz in shut
         for i, cap in enumerate(self.policy.frequency_caps):
             params[f"since_{i}"] = now - cap.per
-        choose, refuse, reopen = self._statements.channel
-        conn.execute(choose, params)
-        report.skip("channel", int(conn.execute(refuse, params).rowcount or 0))
-        conn.execute(reopen, params)
+        params["risk_since"] = now - max((cap.per for cap in self.policy.frequency_caps),
+                                         default=timedelta(0))
+        return params
+
+    def _closed(self, channel: str, zones: Collection[str], now: datetime) -> set[str]:
+        window = self.policy.quiet_hours[channel]
+        return {tz for tz in zones if next_opening(window, tz, now) is not None}
+
+    def apply(self, conn: Connection, params: dict[str, Any], now: datetime,
+              zones: Collection[str], in_zones: InZones, by_zone: ByZone) -> PolicyReport:
+        """Channel refusals, deferral and budgets for the occurrences of the tick `params` are
+        bound to, whose channels the evaluator chose with `channel_sql`."""
+        report = PolicyReport()
+        tick_id = params["policy_tick"]
+        report.skip("channel", int(conn.execute(self._statements.refuse, params).rowcount or 0))
+        closed = {name: self._closed(name, zones, now) for name in self._quiet_channels}
         self._defer(conn, tick_id, now, zones, closed, in_zones, by_zone, report)
         budgets = self._statements.budgets
         if budgets:
             at_risk = self._statements.at_risk
             if at_risk is not None:
                 empty_scratch(conn, AT_RISK)
-                params["risk_since"] = now - max((cap.per for cap in
-                                                  self.policy.frequency_caps), default=timedelta(0))
                 conn.execute(at_risk, params)
             for kind, statement in budgets:
                 report.skip(kind, int(conn.execute(statement, params).rowcount or 0))
@@ -181,61 +192,53 @@ class ContactPolicy:
         closed zones, cap windows), so SQLAlchemy's compiled cache serves every later tick."""
         if self._built is None:
             at_risk = self._at_risk()
-            self._built = _Statements(self._channel_statements(),
+            self._built = _Statements(self._refuse_statement(),
                                       self._budget_statements(prefiltered=at_risk is not None),
                                       at_risk)
         return self._built
 
     # 1. channel ----------------------------------------------------------------------------------
 
-    def _channel_statements(self) -> tuple[Update, Update, Update]:
-        """One UPDATE choosing every occurrence's channel (a CASE over the triggers), one skipping
-        those no channel can take with each channel's reason, one re-opening those the evaluator
-        had skipped for want of a contact point that the policy found a channel for."""
+    def _refuse_statement(self) -> Update:
+        """Skip the tick's occurrences no channel could take, with each channel's reason."""
         o = table(Occurrence)
         c = table(Customer)
-        undecided = or_(o.c.status == MESSAGE,
-                        and_(o.c.status == SKIPPED, o.c.reason == NO_CONTACT))
         known = sorted(self.triggers)
-        mine = and_(o.c.tick_id == bindparam("policy_tick", type_=Integer),
-                    o.c.trigger_id.in_(known), c.c.id == o.c.customer_id, undecided)
-        channels = case({tid: self._choice(self.triggers[tid], c, o) for tid in known},
-                        value=o.c.trigger_id, else_=o.c.channel)
-        reasons = case({tid: self._reasons(self.triggers[tid], c, o) for tid in known},
+        reasons = case({tid: self.refusal_sql(self.triggers[tid], c, o.c.variant,
+                                              o.c.customer_id) for tid in known},
                        value=o.c.trigger_id, else_=literal("unavailable"))
-        return (update(o).where(mine).values(channel=channels),
-                update(o).where(mine, o.c.channel.is_(None))
-                .values(status=SKIPPED, reason=reasons),
-                update(o).where(mine, o.c.status == SKIPPED, o.c.channel.is_not(None))
-                .values(status=MESSAGE, reason=null()))
+        return (update(o).where(o.c.tick_id == bindparam("policy_tick", type_=Integer),
+                                o.c.status == MESSAGE, o.c.channel.is_(None),
+                                c.c.id == o.c.customer_id)
+                .values(status=SKIPPED, reason=reasons))
 
-    def _channel_lists(self, trig: Trigger) -> tuple[list[str], dict[str, list[str]]]:
-        """The trigger's channels in order of preference, and each variant's own if it has one."""
-        default = list(dict.fromkeys([trig.action.channel, *trig.action.fallback]))
-        variants = {name: list(dict.fromkeys([v.channel, *trig.action.fallback]))
-                    for name, v in trig.variants.items() if v.channel}
-        return default, variants
-
-    def _choice(self, trig: Trigger, c: Any, o: Any) -> ColumnElement[Any]:
+    def channel_sql(self, trig: Trigger, c: FromClause, variant: ColumnElement[Any],
+                    customer_id: ColumnElement[Any]) -> ColumnElement[Any]:
+        """The channel an occurrence of `trig` goes out on (NULL: none can take it), over the
+        customer row `c`, the occurrence's `variant` and its customer's id; bound by `params`."""
         wait = trig.action.in_quiet_hours == "wait"
 
         def first(names: list[str]) -> ColumnElement[Any]:
-            whens = [(self._can(ch, trig, c, quiet=not wait), literal(ch)) for ch in names]
+            whens = [(self._can(ch, trig, c, customer_id, quiet=not wait), literal(ch))
+                     for ch in names]
             if not wait:  # nothing open now: wait for the first channel that is otherwise fine
-                whens += [(self._can(ch, trig, c, quiet=False), literal(ch)) for ch in names]
+                whens += [(self._can(ch, trig, c, customer_id, quiet=False), literal(ch))
+                          for ch in names]
             return case(*whens, else_=null())
 
         default, variants = self._channel_lists(trig)
         if not variants:
             return first(default)
-        return case(*((o.c.variant == name, first(chs)) for name, chs in variants.items()),
+        return case(*((variant == name, first(chs)) for name, chs in variants.items()),
                     else_=first(default))
 
-    def _reasons(self, trig: Trigger, c: Any, o: Any) -> ColumnElement[Any]:
+    def refusal_sql(self, trig: Trigger, c: FromClause, variant: ColumnElement[Any],
+                    customer_id: ColumnElement[Any]) -> ColumnElement[Any]:
+        """Why no channel can take it: each channel's reason (`no_consent (sms); ...`)."""
         wait = trig.action.in_quiet_hours == "wait"
 
         def joined(names: list[str]) -> ColumnElement[Any]:
-            parts = [self._why_not(ch, trig, c, quiet=not wait) for ch in names]
+            parts = [self._why_not(ch, trig, c, customer_id, quiet=not wait) for ch in names]
             out = parts[0]
             for part in parts[1:]:
                 out = out + literal("; ") + part
@@ -244,8 +247,15 @@ class ContactPolicy:
         default, variants = self._channel_lists(trig)
         if not variants:
             return joined(default)
-        return case(*((o.c.variant == name, joined(chs)) for name, chs in variants.items()),
+        return case(*((variant == name, joined(chs)) for name, chs in variants.items()),
                     else_=joined(default))
+
+    def _channel_lists(self, trig: Trigger) -> tuple[list[str], dict[str, list[str]]]:
+        """The trigger's channels in order of preference, and each variant's own if it has one."""
+        default = list(dict.fromkeys([trig.action.channel, *trig.action.fallback]))
+        variants = {name: list(dict.fromkeys([v.channel, *trig.action.fallback]))
+                    for name, v in trig.variants.items() if v.channel}
+        return default, variants
 
     def _has_contact(self, channel: str, c: Any) -> ColumnElement[bool]:
         column = c.c[self.contact[channel]]
@@ -258,11 +268,11 @@ class ContactPolicy:
             return true()
         return or_(c.c.segment.is_(None), c.c.segment.not_in(barred))
 
-    def _consents(self, channel: str, trig: Trigger) -> ColumnElement[bool]:
+    def _consents(self, channel: str, trig: Trigger,
+                  customer_id: ColumnElement[Any]) -> ColumnElement[bool]:
         cl = table(ConsentEntry)
-        o = table(Occurrence)  # correlated on the row being updated, not on the joined customer
         latest = (select(cl.c.granted)
-                  .where(cl.c.customer_id == o.c.customer_id, cl.c.channel == channel,
+                  .where(cl.c.customer_id == customer_id, cl.c.channel == channel,
                          cl.c.purpose == trig.purpose)
                   .order_by(cl.c.id.desc()).limit(1).scalar_subquery())
         default = self.policy.consent.granted_by_default(channel, trig.purpose)
@@ -282,20 +292,22 @@ class ContactPolicy:
     def _quiet_applies(self, trig: Trigger) -> bool:
         return trig.purpose == "marketing" or self.policy.transactional_quiet_hours
 
-    def _can(self, channel: str, trig: Trigger, c: Any, *, quiet: bool) -> ColumnElement[bool]:
+    def _can(self, channel: str, trig: Trigger, c: Any, customer_id: ColumnElement[Any], *,
+             quiet: bool) -> ColumnElement[bool]:
         checks = [self._has_contact(channel, c), self._segment_allows(channel, c),
-                  self._consents(channel, trig)]
+                  self._consents(channel, trig, customer_id)]
         if quiet:
             checks.append(self._open_now(channel, trig, c))
         return and_(*checks)
 
-    def _why_not(self, channel: str, trig: Trigger, c: Any, *,
+    def _why_not(self, channel: str, trig: Trigger, c: Any, customer_id: ColumnElement[Any], *,
                  quiet: bool) -> ColumnElement[Any]:
         whens = [(not_(self._has_contact(channel, c)), literal(f"{NO_CONTACT} ({channel})")),
                  (not_(self._segment_allows(channel, c)),
                   func.coalesce(literal("segment ") + c.c.segment, literal("segment"))
                   + literal(f" excludes {channel}")),
-                 (not_(self._consents(channel, trig)), literal(f"no_consent ({channel})"))]
+                 (not_(self._consents(channel, trig, customer_id)),
+                  literal(f"no_consent ({channel})"))]
         if quiet:
             whens.append((not_(self._open_now(channel, trig, c)),
                           literal(f"quiet_hours ({channel})")))
