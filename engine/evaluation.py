@@ -366,8 +366,15 @@ class Evaluator:
                     else_=literal(last, type_))
 
     def _tick(self, conn: Connection, kind: TickKind, dry_run: bool, now: datetime) -> TickResult:
-        previous_seq = conn.execute(
-            select(func.max(Tick.change_seq)).where(Tick.dry_run.is_(False))).scalar() or 0
+        # The previous tick: the change counter and the newest event id it read. Every event
+        # after that id was ingested with a customer change after that count: ingestion takes
+        # the counter before it inserts events, and the tick reads the counter first.
+        previous = conn.execute(
+            select(Tick.change_seq, Tick.summary).where(Tick.dry_run.is_(False))
+            .order_by(Tick.id.desc()).limit(1)).first()
+        previous_seq = previous.change_seq if previous is not None else 0
+        previous_events = ((previous.summary or {}).get("event_max")
+                           if previous is not None else None)
         change_seq = read_counter(conn, "change")
         tick_id = int(conn.execute(
             insert(Tick).values(kind=str(kind), now=now, started_at=self.clock.now(),
@@ -381,6 +388,8 @@ class Evaluator:
                   else self.policy.params(tick_id, now, self._zones, self.default_tz))
         ctx, base = self._context(now)
         changed: SqlContext | None = None
+        # before the copy, so that the customers of every event up to it are in the copy
+        event_max = conn.execute(select(func.max(Event.id))).scalar() or 0
         if kind is TickKind.INCREMENTAL:
             self._copy_changed(conn, previous_seq)
             changed, base = self._context(now, customers=CHANGED_CUSTOMERS,
@@ -393,7 +402,6 @@ class Evaluator:
                 base = base.where(ctx.customer.c.id.in_(restaged))
             result.stage_changes = self.lifecycle.record_changes(conn, base, ctx, tick_id, now)
 
-        event_max = conn.execute(select(func.max(Event.id))).scalar() or 0
         stage_max = conn.execute(select(func.max(StageChange.id))).scalar() or 0
         states = {row.trigger_id: row for row in conn.execute(select(TriggerState.__table__))}
         saved: list[tuple[str, bool, int | None, str, int]] = []
@@ -402,8 +410,11 @@ class Evaluator:
             state = states.get(trig.id)
             event_wm = state.event_watermark if state else 0
             stage_wm = state.stage_watermark if state else 0
+            # an event trigger read up to the previous tick finds every customer of its new
+            # events among the changed ones
+            caught_up = previous_events is not None and event_wm >= previous_events
             candidates = self._candidates(loaded, ctx, changed, now, (event_wm, event_max),
-                                          (stage_wm, stage_max))
+                                          (stage_wm, stage_max), caught_up=caught_up)
             count = self._insert_occurrences(conn, loaded, candidates, tick_id, now,
                                              versions.get(loaded.path), params)
             result.occurrences[trig.id] = count
@@ -424,7 +435,8 @@ class Evaluator:
             analyze_if_grown(conn, table(Occurrence).name, sum(result.occurrences.values()),
                              also=(table(Message).name,), share=1.0)
         conn.execute(update(Tick).where(Tick.id == tick_id).values(
-            finished_at=self.clock.now(), summary={**result.as_dict(), "stages": self._stages_key}))
+            finished_at=self.clock.now(),
+            summary={**result.as_dict(), "stages": self._stages_key, "event_max": event_max}))
         return result
 
     def _restaged(self, conn: Connection, now: datetime,
@@ -447,17 +459,19 @@ class Evaluator:
     # candidates --------------------------------------------------------------------------------
 
     def _candidates(self, loaded: LoadedTriggerLike, ctx: SqlContext, changed: SqlContext | None,
-                    now: datetime, events: tuple[int, int],
-                    stages: tuple[int, int]) -> tuple[Select[Any], FromClause] | None:
+                    now: datetime, events: tuple[int, int], stages: tuple[int, int], *,
+                    caught_up: bool = False) -> tuple[Select[Any], FromClause] | None:
         """customer_id, membership_id, event_id, scope_key of everyone the trigger fires for,
         and the customer rows it reads (the table, or the incremental tick's copy).
 
-        Event and stage-entry triggers read what arrived since their watermarks, over the whole
-        base; in an incremental tick (`changed`: the copies of the changed customers), date and
-        schedule triggers read only the changed customers."""
+        Event and stage-entry triggers read what arrived since their watermarks; in an
+        incremental tick (`changed`: the copies of the changed customers), date and schedule
+        triggers read only the changed customers, and so do event triggers `caught_up` with the
+        previous tick (their new events' customers are all changed ones)."""
         trig = loaded.trigger
         when = trig.when
-        if changed is not None and isinstance(when, RelativeWhen | ScheduleWhen):
+        if changed is not None and (isinstance(when, RelativeWhen | ScheduleWhen)
+                                    or isinstance(when, EventWhen) and caught_up):
             ctx = changed
         c, m, days = ctx.customer, ctx.membership, self._days
         joined: FromClause = c.outerjoin(m, m.c.id == c.c.current_membership_id)
