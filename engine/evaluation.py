@@ -562,9 +562,11 @@ class Evaluator:
             assert isinstance(once, EveryScope)
             scope = literal("at:") + slot
             o = Occurrence.__table__
+            # through the unique key (trigger, customer): the trigger's few occurrences of the
+            # customer, not every trigger's occurrences of them inside the window
             filters.append(~exists().where(
                 o.c.trigger_id == trig.id, o.c.customer_id == c.c.id,
-                o.c.fired_at > now - once.every))
+                unindexed(o.c.fired_at) > now - once.every))
         # The conditions last: SQLite tests the terms in the order written, and a windowed
         # count is a subquery per customer, not worth running for one fired a week ago.
         filters.extend(cond.sql(ctx) for cond in loaded.conditions)
