@@ -366,6 +366,27 @@ def test_the_policy_writes_costs_and_the_tick_reports_what_it_stopped(
         assert conn.execute(select(Message.channel, Message.cost)).all() == [("sms", 0.08)]
 
 
+def test_an_evaluator_switched_between_policy_and_none_decides_by_the_current_one(
+        db: Engine, project_config: ProjectConfig) -> None:
+    """The evaluator keeps each trigger's channel and status expressions from tick to tick; they
+    belong to the policy they were built with (the benchmark switches it off and on)."""
+    policy = PolicyFile(consent=ConsentDefaults(marketing_otherwise="granted"), quiet_hours={},
+                        frequency_caps=[], cycle_budget=None)
+    clock = FixedClock(datetime(2026, 3, 3, 18, 0))
+    ing = customer(db, clock, email=None)  # nothing for the email-only trigger to go out on
+    customer(db, clock, external_id="bob")
+    visit(ing, clock)
+    visit(ing, clock, "bob")
+    ev = Evaluator(db, config(project_config, policy), [on_visit("a", channel="email")], clock)
+    policy_on = ev.policy
+    seen = []
+    for current in (policy_on, None, policy_on):
+        ev.policy = current
+        result = ev.tick(dry_run=True)
+        seen.append((result.messages, result.skipped, result.stopped))
+    assert seen == [(1, 1, {"channel": 1}), (1, 1, {}), (1, 1, {"channel": 1})]
+
+
 def test_without_the_policy_nothing_is_stopped(db: Engine, project_config: ProjectConfig) -> None:
     clock = FixedClock(datetime(2026, 3, 3, 6, 0))
     ing = customer(db, clock)
