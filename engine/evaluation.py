@@ -316,27 +316,23 @@ class Evaluator:
     def _copy_changed(self, conn: Connection, previous_seq: int) -> None:
         """Fill CHANGED_CUSTOMERS and CHANGED_MEMBERSHIPS with the customers changed since
         `previous_seq` and their current memberships."""
-        empty_scratch(conn, CHANGED_CUSTOMERS)
-        empty_scratch(conn, CHANGED_MEMBERSHIPS)
-        customers, memberships = self._copy_statements
-        conn.execute(customers, {"copy_since": previous_seq})
-        conn.execute(memberships)
-        if conn.dialect.name == "postgresql":
-            # temporary tables have no statistics until analysed (autovacuum does not see them)
-            conn.exec_driver_sql(f"ANALYZE {CHANGED_CUSTOMERS.name}, {CHANGED_MEMBERSHIPS.name}")
+        for copy, statement in zip((CHANGED_CUSTOMERS, CHANGED_MEMBERSHIPS), self._copy_statements,
+                                   strict=True):
+            empty_scratch(conn, copy)
+            conn.execute(statement, {"copy_since": previous_seq})
 
     @functools.cached_property
     def _copy_statements(self) -> tuple[Any, Any]:
+        # Both read the customers table (not the fresh copy, which has no planner statistics):
+        # the changed customers through the change_seq index, their memberships by key.
         c, m = table(Customer), table(Membership)
-        cc = CHANGED_CUSTOMERS
-        return (insert(cc).from_select(
-                    [col.name for col in c.columns],
-                    select(*c.columns).where(
-                        c.c.change_seq > bindparam("copy_since", type_=BigInteger()))),
+        changed = c.c.change_seq > bindparam("copy_since", type_=BigInteger())
+        return (insert(CHANGED_CUSTOMERS).from_select(
+                    [col.name for col in c.columns], select(*c.columns).where(changed)),
                 insert(CHANGED_MEMBERSHIPS).from_select(
                     [col.name for col in m.columns],
-                    select(*m.columns).select_from(m.join(cc, cc.c.current_membership_id
-                                                          == m.c.id))))
+                    select(*m.columns).where(m.c.id.in_(
+                        select(c.c.current_membership_id).where(changed)))))
 
     def _in_zones(self, zones: Collection[str], *, customers: FromClause | None = None,
                   indexed: bool = True) -> ColumnElement[bool]:
@@ -531,7 +527,11 @@ class Evaluator:
             anchor_col: ColumnElement[Any] = (
                 m.c.ends_on if when.anchor is Anchor.MEMBERSHIP_ENDS else m.c.starts_on)
             joined = c.join(m, m.c.id == c.c.current_membership_id)
-            filters.append(anchor_col.in_(sorted(zones_by_anchor)))
+            if c is table(Customer):
+                # the anchor dates as one list, for the anchor's index (the copies have none,
+                # and PostgreSQL would count this term twice against the one below, expecting
+                # a single row and planning a loop over the changed customers for each)
+                filters.append(anchor_col.in_(sorted(zones_by_anchor)))
             filters.append(or_(*(
                 and_(anchor_col == anchor, self._in_zones(zones, customers=c, indexed=False))
                 for anchor, zones in zones_by_anchor.items())))
