@@ -639,10 +639,10 @@ class Evaluator:
     def _assignment(self, trig: Trigger, cols: dict[str, ColumnElement[Any]],
                     customers: FromClause) -> _Assigned:
         """Arm, variant, channel, status and reason of the trigger's occurrences, as expressions
-        over the candidates' columns; built once per trigger and source of customer rows (the
-        columns are the same objects every tick) and contact policy (or none), not per tick."""
-        key = (id(self.policy), trig.id, id(customers), id(cols["customer_id"]),
-               id(cols["membership_id"]))
+        over the candidates' columns; built once per trigger, contact policy (or none) and source
+        of customer rows, not per tick: the columns are those of that source and of its one
+        membership alias (`_context`), the same objects every tick."""
+        key = (id(self.policy), trig.id, id(customers))
         built = self._assignments.get(key)
         if built is not None:
             return built
@@ -669,8 +669,7 @@ class Evaluator:
             status, reason = case(*whens, else_=status), case(*reasons, else_=reason)
         # the key's objects are kept with the entry, so that their ids are not reused
         assigned = _Assigned(literal("treatment") if arm is None else arm, variant, channel,
-                             status, reason, (self.policy, customers, cols["customer_id"],
-                                              cols["membership_id"]))
+                             status, reason, (self.policy, customers))
         self._assignments[key] = assigned
         return assigned
 

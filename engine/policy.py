@@ -154,7 +154,8 @@ class ContactPolicy:
         club's zone is one of them: `closed_<i>_club`), the start of each cap's window."""
         params: dict[str, Any] = {"policy_tick": tick_id}
         for i, name in enumerate(self._quiet_channels):
-            shut = self._closed(name, zones, now)
+            window = self.policy.quiet_hours[name]
+            shut = {tz for tz in zones if next_opening(window, tz, now) is not None}
             params[f"closed_{i}"] = sorted(shut)
             params[f"closed_{i}_club"] = default_tz in shut
         for i, cap in enumerate(self.policy.frequency_caps):
@@ -163,10 +164,6 @@ class ContactPolicy:
                                          default=timedelta(0))
         return params
 
-    def _closed(self, channel: str, zones: Collection[str], now: datetime) -> set[str]:
-        window = self.policy.quiet_hours[channel]
-        return {tz for tz in zones if next_opening(window, tz, now) is not None}
-
     def apply(self, conn: Connection, params: dict[str, Any], now: datetime,
               zones: Collection[str], in_zones: InZones, by_zone: ByZone) -> PolicyReport:
         """Channel refusals, deferral and budgets for the occurrences of the tick `params` are
@@ -174,7 +171,8 @@ class ContactPolicy:
         report = PolicyReport()
         tick_id = params["policy_tick"]
         report.skip("channel", int(conn.execute(self._statements.refuse, params).rowcount or 0))
-        closed = {name: self._closed(name, zones, now) for name in self._quiet_channels}
+        closed = {name: set(params[f"closed_{i}"])
+                  for i, name in enumerate(self._quiet_channels)}
         self._defer(conn, tick_id, now, zones, closed, in_zones, by_zone, report)
         budgets = self._statements.budgets
         if budgets:
