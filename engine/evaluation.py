@@ -226,6 +226,7 @@ class Evaluator:
         self._outbox_statements: dict[bool, Any] = {}  # policy on/off -> the outbox INSERT
         self._assignments: dict[tuple[Any, ...], _Assigned] = {}  # see _assignment
         self._aliases: dict[str, FromClause] = {}  # memberships (or its copy) -> alias "m"
+        self._copies: dict[str, tuple[Any, Any]] = {}  # dialect -> the two copy INSERTs
 
     # the tick ----------------------------------------------------------------------------------
 
@@ -318,23 +319,29 @@ class Evaluator:
     def _copy_changed(self, conn: Connection, previous_seq: int) -> None:
         """Fill CHANGED_CUSTOMERS and CHANGED_MEMBERSHIPS with the customers changed since
         `previous_seq` and their current memberships."""
-        for copy, statement in zip((CHANGED_CUSTOMERS, CHANGED_MEMBERSHIPS), self._copy_statements,
+        dialect = conn.dialect.name
+        if dialect not in self._copies:
+            self._copies[dialect] = self._copy_statements(dialect)
+        for copy, statement in zip((CHANGED_CUSTOMERS, CHANGED_MEMBERSHIPS), self._copies[dialect],
                                    strict=True):
             empty_scratch(conn, copy)
             conn.execute(statement, {"copy_since": previous_seq})
 
-    @functools.cached_property
-    def _copy_statements(self) -> tuple[Any, Any]:
-        # Both read the customers table (not the fresh copy, which has no planner statistics):
-        # the changed customers through the change_seq index, their memberships by key.
+    @staticmethod
+    def _copy_statements(dialect: str) -> tuple[Any, Any]:
+        # The changed customers through the change_seq index. Their memberships by key: on
+        # SQLite the keys come from the fresh copy (no second read of the customer rows); on
+        # PostgreSQL from the customers table again, since the copy has no planner statistics
+        # and a hash join over it scanned every membership.
         c, m = table(Customer), table(Membership)
         changed = c.c.change_seq > bindparam("copy_since", type_=BigInteger())
+        keys = (select(CHANGED_CUSTOMERS.c.current_membership_id) if dialect == "sqlite"
+                else select(c.c.current_membership_id).where(changed))
         return (insert(CHANGED_CUSTOMERS).from_select(
                     [col.name for col in c.columns], select(*c.columns).where(changed)),
                 insert(CHANGED_MEMBERSHIPS).from_select(
                     [col.name for col in m.columns],
-                    select(*m.columns).where(m.c.id.in_(
-                        select(c.c.current_membership_id).where(changed)))))
+                    select(*m.columns).where(m.c.id.in_(keys))))
 
     def _in_zones(self, zones: Collection[str], *, customers: FromClause | None = None,
                   indexed: bool = True) -> ColumnElement[bool]:
