@@ -496,9 +496,13 @@ class Evaluator:
             # Once the trigger has a watermark, read through (kind, id): the events since then.
             # Left indexable, the time window tempts SQLite into a skip scan of (customer_id,
             # kind, occurred_at) over the whole base (4 s at a million customers for 100 new
-            # events). A trigger's first tick keeps it: then the window is the selective term.
-            occurred = e.c.occurred_at if lo == 0 else unindexed(e.c.occurred_at)
-            ev_filter = and_(e.c.kind == when.event, e.c.id > lo, e.c.id <= hi,
+            # events). At the trigger's first tick the window is the selective term: read
+            # through (kind, occurred_at), not through every event of the kind by id (5-18 s
+            # at a million customers for a trigger on visits).
+            first = lo == 0
+            occurred = e.c.occurred_at if first else unindexed(e.c.occurred_at)
+            event_key = unindexed(e.c.id) if first else e.c.id
+            ev_filter = and_(e.c.kind == when.event, event_key > lo, event_key <= hi,
                              occurred > now - when.within, occurred <= now)
             if trig.once == Scope.PER_EVENT:
                 ev = select(e.c.customer_id, e.c.id.label("event_id"), e.c.occurred_at) \

@@ -123,9 +123,11 @@ class Customer(Base):
     # Bumped from the `change` counter whenever ingestion touches the customer or their data.
     change_seq: Mapped[int] = mapped_column(BigInteger, default=0, index=True)
 
-    # current_membership_id: date-relative triggers read memberships by date, then their
-    # customers; last_visit_at: the tick finds whose days since the last visit crossed a boundary.
-    __table_args__ = (Index(None, "stage"), Index(None, "timezone"),
+    # (stage, timezone): schedule triggers read the customers of their stages in the zones where
+    # their slot passed; current_membership_id: date-relative triggers read memberships by date,
+    # then their customers; last_visit_at: the tick finds whose days since the last visit
+    # crossed a boundary.
+    __table_args__ = (Index(None, "stage", "timezone"), Index(None, "timezone"),
                       Index(None, "current_membership_id"), Index(None, "last_visit_at"))
 
 
@@ -161,9 +163,13 @@ class Event(Base):
     received_at: Mapped[datetime]
     properties: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
+    # (customer_id, kind, occurred_at): windowed counts per customer; (kind, id): the events
+    # since an event trigger's watermark; (kind, occurred_at): the events of a trigger's `within`
+    # window at its first evaluation.
     __table_args__ = (
         Index(None, "customer_id", "kind", "occurred_at"),
         Index(None, "kind", "id"),
+        Index(None, "kind", "occurred_at"),
     )
 
 
