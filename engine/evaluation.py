@@ -497,8 +497,8 @@ class Evaluator:
             # Left indexable, the time window tempts SQLite into a skip scan of (customer_id,
             # kind, occurred_at) over the whole base (4 s at a million customers for 100 new
             # events). At the trigger's first tick the window is the selective term: read
-            # through (kind, occurred_at), not through every event of the kind by id (5-18 s
-            # at a million customers for a trigger on visits).
+            # through (kind, occurred_at, customer_id), not through every event of the kind by
+            # id (5-18 s at a million customers for a trigger on visits).
             first = lo == 0
             occurred = e.c.occurred_at if first else unindexed(e.c.occurred_at)
             event_key = unindexed(e.c.id) if first else e.c.id

@@ -164,12 +164,12 @@ class Event(Base):
     properties: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
     # (customer_id, kind, occurred_at): windowed counts per customer; (kind, id): the events
-    # since an event trigger's watermark; (kind, occurred_at): the events of a trigger's `within`
-    # window at its first evaluation.
+    # since an event trigger's watermark; (kind, occurred_at, customer_id): the events of a
+    # trigger's `within` window at its first evaluation, and their customers.
     __table_args__ = (
         Index(None, "customer_id", "kind", "occurred_at"),
         Index(None, "kind", "id"),
-        Index(None, "kind", "occurred_at"),
+        Index(None, "kind", "occurred_at", "customer_id"),
     )
 
 

@@ -4,8 +4,9 @@ Revision ID: 0002
 Revises: 0001
 Create Date: 2026-11-26 06:20:00
 
-- `events (kind, occurred_at)`: an event trigger's first evaluation reads the events of its
-  `within` window (two days of visits by default), not every event of its kind;
+- `events (kind, occurred_at, customer_id)`: an event trigger's first evaluation reads the
+  events of its `within` window (two days of visits by default), not every event of its kind,
+  and finds their customers in the index, without reading the event rows;
 - `customers (stage, timezone)` replaces `customers (stage)`: a schedule trigger reads the
   customers of its stages in the zones where its slot passed, not every customer of the stage;
   reads by stage alone use its first column.
@@ -23,8 +24,8 @@ depends_on = None
 
 def upgrade() -> None:
     with op.batch_alter_table("events", schema=None) as batch_op:
-        batch_op.create_index(batch_op.f("ix_events_kind_occurred_at"), ["kind", "occurred_at"],
-                              unique=False)
+        batch_op.create_index(batch_op.f("ix_events_kind_occurred_at_customer_id"),
+                              ["kind", "occurred_at", "customer_id"], unique=False)
     with op.batch_alter_table("customers", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_customers_stage_timezone"), ["stage", "timezone"],
                               unique=False)
@@ -36,4 +37,4 @@ def downgrade() -> None:
         batch_op.create_index(batch_op.f("ix_customers_stage"), ["stage"], unique=False)
         batch_op.drop_index(batch_op.f("ix_customers_stage_timezone"))
     with op.batch_alter_table("events", schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f("ix_events_kind_occurred_at"))
+        batch_op.drop_index(batch_op.f("ix_events_kind_occurred_at_customer_id"))
