@@ -117,10 +117,15 @@ def _explain(conn: Any, slowest: list[tuple[float, str, Any]]) -> None:
         print(f"\n-- {seconds * 1000:.1f} ms: {_label(statement, params)}")
         savepoint = conn.begin_nested()
         cur = conn.connection.dbapi_connection.cursor()
-        cur.execute(prefix + statement, params)
-        for row in cur.fetchall():
-            print("   ", row[0] if postgres else row)
-        cur.close()
+        try:
+            cur.execute(prefix + statement, params)
+        except Exception as exc:  # noqa: BLE001 - e.g. an INSERT whose rows the tick already holds
+            print(f"    (not re-run: {str(exc).splitlines()[0]})")
+        else:
+            for row in cur.fetchall():
+                print("   ", row[0] if postgres else row)
+        finally:
+            cur.close()
         savepoint.rollback()
 
 
