@@ -123,12 +123,13 @@ class Customer(Base):
     # Bumped from the `change` counter whenever ingestion touches the customer or their data.
     change_seq: Mapped[int] = mapped_column(BigInteger, default=0, index=True)
 
-    # (stage, timezone): schedule triggers read the customers of their stages in the zones where
-    # their slot passed; current_membership_id: date-relative triggers read memberships by date,
-    # then their customers; last_visit_at: the tick finds whose days since the last visit
-    # crossed a boundary.
-    __table_args__ = (Index(None, "stage", "timezone"), Index(None, "timezone"),
-                      Index(None, "current_membership_id"), Index(None, "last_visit_at"))
+    # stage: a whole stage, in key order; (stage, timezone): a schedule trigger's stages in the
+    # few zones where its slot passed; current_membership_id: date-relative triggers read
+    # memberships by date, then their customers; last_visit_at: the tick finds whose days since
+    # the last visit crossed a boundary.
+    __table_args__ = (Index(None, "stage"), Index(None, "stage", "timezone"),
+                      Index(None, "timezone"), Index(None, "current_membership_id"),
+                      Index(None, "last_visit_at"))
 
 
 class Membership(Base):

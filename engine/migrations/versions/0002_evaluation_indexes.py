@@ -7,9 +7,11 @@ Create Date: 2026-11-26 06:20:00
 - `events (kind, occurred_at, customer_id)`: an event trigger's first evaluation reads the
   events of its `within` window (two days of visits by default), not every event of its kind,
   and finds their customers in the index, without reading the event rows;
-- `customers (stage, timezone)` replaces `customers (stage)`: a schedule trigger reads the
-  customers of its stages in the zones where its slot passed, not every customer of the stage;
-  reads by stage alone use its first column.
+- `customers (stage, timezone)`, beside `customers (stage)`: a schedule trigger whose slot has
+  passed in a few zones reads the customers of its stages in those zones, not every customer of
+  the stage. Reads of a whole stage (all zones, or the club's own, where most customers are)
+  keep `customers (stage)`, which returns them in key order: through the composite index they
+  come zone by zone, a pass over the table per zone.
 
 On PostgreSQL the indexes are built CONCURRENTLY, outside the migration's transaction: a club's
 events table holds tens of millions of rows, and a plain CREATE INDEX would hold up ingestion
@@ -47,12 +49,10 @@ def upgrade() -> None:
                         ["kind", "occurred_at", "customer_id"], **options)
         op.create_index(op.f("ix_customers_stage_timezone"), "customers", ["stage", "timezone"],
                         **options)
-        op.drop_index(op.f("ix_customers_stage"), table_name="customers", **options)
 
 
 def downgrade() -> None:
     with _online() as options:
-        op.create_index(op.f("ix_customers_stage"), "customers", ["stage"], **options)
         op.drop_index(op.f("ix_customers_stage_timezone"), table_name="customers", **options)
         op.drop_index(op.f("ix_events_kind_occurred_at_customer_id"), table_name="events",
                       **options)
