@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
 from sqlalchemy import Engine
 
 from engine.db import migrate
@@ -9,9 +11,6 @@ from engine.models import Base
 
 
 def test_migrations_match_the_models(db: Engine) -> None:
-    from alembic.autogenerate import compare_metadata
-    from alembic.migration import MigrationContext
-
     migrate(db)  # already at head: a no-op that must not fail
     with db.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
