@@ -165,12 +165,12 @@ class Event(Base):
     properties: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
     # (customer_id, kind, occurred_at): windowed counts per customer; (kind, id): the events
-    # since an event trigger's watermark; (kind, occurred_at, customer_id): the events of a
-    # trigger's `within` window at its first evaluation, and their customers.
+    # since an event trigger's watermark; (kind, occurred_at, customer_id) with the id: the
+    # events of a trigger's `within` window at its first evaluation, read from the index alone.
     __table_args__ = (
         Index(None, "customer_id", "kind", "occurred_at"),
         Index(None, "kind", "id"),
-        Index(None, "kind", "occurred_at", "customer_id"),
+        Index(None, "kind", "occurred_at", "customer_id", postgresql_include=["id"]),
     )
 
 

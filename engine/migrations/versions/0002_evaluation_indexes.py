@@ -4,9 +4,10 @@ Revision ID: 0002
 Revises: 0001
 Create Date: 2026-11-26 06:20:00
 
-- `events (kind, occurred_at, customer_id)`: an event trigger's first evaluation reads the
-  events of its `within` window (two days of visits by default), not every event of its kind,
-  and finds their customers in the index, without reading the event rows;
+- `events (kind, occurred_at, customer_id)`, with the event id (SQLite keeps the rowid in every
+  index; PostgreSQL needs `INCLUDE (id)`): an event trigger's first evaluation reads the events
+  of its `within` window (two days of visits by default), not every event of its kind, and
+  finds their customers and ids in the index, without reading the event rows;
 - `customers (stage, timezone)`, beside `customers (stage)`: a schedule trigger whose slot has
   passed in a few zones reads the customers of its stages in those zones, not every customer of
   the stage. Reads of a whole stage (all zones, or the club's own, where most customers are)
@@ -46,7 +47,8 @@ def _online() -> Iterator[dict[str, Any]]:
 def upgrade() -> None:
     with _online() as options:
         op.create_index(op.f("ix_events_kind_occurred_at_customer_id"), "events",
-                        ["kind", "occurred_at", "customer_id"], **options)
+                        ["kind", "occurred_at", "customer_id"], postgresql_include=["id"],
+                        **options)
         op.create_index(op.f("ix_customers_stage_timezone"), "customers", ["stage", "timezone"],
                         **options)
 
