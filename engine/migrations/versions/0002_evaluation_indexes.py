@@ -16,7 +16,8 @@ Create Date: 2026-11-26 06:20:00
 
 On PostgreSQL the indexes are built CONCURRENTLY, outside the migration's transaction: a club's
 events table holds tens of millions of rows, and a plain CREATE INDEX would hold up ingestion
-for minutes.
+for minutes. A concurrent build that was interrupted leaves an invalid index behind; the next
+run of the migration drops it and builds it again.
 """
 
 from __future__ import annotations
@@ -44,8 +45,21 @@ def _online() -> Iterator[dict[str, Any]]:
         yield {}
 
 
+def _drop_if_invalid(name: str, table: str, options: dict[str, Any]) -> None:
+    """Drop what an interrupted concurrent build of `name` left: an index marked invalid."""
+    if op.get_bind().dialect.name != "postgresql":
+        return
+    invalid = op.get_bind().exec_driver_sql(
+        "SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+        "WHERE c.relname = %(name)s AND NOT i.indisvalid", {"name": name}).first()
+    if invalid is not None:
+        op.drop_index(name, table_name=table, **options)
+
+
 def upgrade() -> None:
     with _online() as options:
+        _drop_if_invalid("ix_events_kind_occurred_at_customer_id", "events", options)
+        _drop_if_invalid("ix_customers_stage_timezone", "customers", options)
         op.create_index(op.f("ix_events_kind_occurred_at_customer_id"), "events",
                         ["kind", "occurred_at", "customer_id"], postgresql_include=["id"],
                         **options)
