@@ -15,7 +15,7 @@ from engine.conditions import Condition, compile_condition
 from engine.config import ChannelsFile, ClubFile, LifecycleFile, PolicyFile, ProjectConfig
 from engine.rulefile import Trigger
 
-__all__ = ["FIRST", "INCREMENTAL", "INGEST_AT", "STEADY", "WARMUP", "Loaded", "load_config",
+__all__ = ["AFTER", "FIRST", "INCREMENTAL", "INGEST_AT", "REPEATED", "STEADY", "WARMUP", "Loaded", "load_config",
            "load_triggers"]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +24,8 @@ STEADY = NOW + timedelta(days=1)                  # the same instant the next da
 WARMUP = STEADY + timedelta(minutes=5)            # a few visits, the process's first tick
 INGEST_AT = STEADY + timedelta(minutes=10)        # 10,000 visits arrive
 INCREMENTAL = STEADY + timedelta(minutes=15)      # the incremental tick after them
+AFTER = INCREMENTAL + timedelta(minutes=1)        # the next full tick: 10,000 changed since STEADY
+REPEATED = AFTER + timedelta(minutes=1)           # the scheduler's next full tick, a minute later
 
 
 @dataclass

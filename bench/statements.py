@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,8 @@ def main() -> None:
     parser.add_argument("--url", required=True)
     parser.add_argument("--tick", choices=["full", "incremental"], default="full")
     parser.add_argument("--at", choices=sorted(INSTANTS), default="first")
+    parser.add_argument("--later", type=float, default=0.0, metavar="SECONDS",
+                        help="tick this many seconds after the --at instant")
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--explain", action="store_true")
     parser.add_argument("--commit", action="store_true")
@@ -74,7 +77,7 @@ def main() -> None:
     engine = make_engine(args.url, **kwargs)
     timings = StatementTimer(engine).timings
 
-    clock = FixedClock(INSTANTS[args.at])
+    clock = FixedClock(INSTANTS[args.at] + timedelta(seconds=args.later))
     evaluator = Evaluator(engine, rig.load_config(), rig.load_triggers(), clock)
     kind = TickKind(args.tick)
     if args.warm:
@@ -91,7 +94,7 @@ def main() -> None:
                 _explain(conn, sorted(timings, key=lambda t: -t[0])[:args.top])
             trans.rollback()
     total = time.perf_counter() - started
-    print(f"{args.tick} tick at {args.at}: {total:.3f} s, {len(timings)} statements, "
+    print(f"{args.tick} tick at {clock.now()}: {total:.3f} s, {len(timings)} statements, "
           f"{sum(t for t, _, _ in timings):.3f} s in the database; "
           f"{result.stage_changes} stage changes, {sum(result.occurrences.values())} occurrences")
     for seconds, statement, params in sorted(timings, key=lambda t: -t[0])[:args.top]:
