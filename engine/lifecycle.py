@@ -104,32 +104,41 @@ class Lifecycle:
         c = Customer.__table__
         m = Membership.__table__
         early, late = min(then, now), max(then, now)
-        days_early = [_local_date(tz, early) for tz in zones]
-        days_late = [_local_date(tz, late) for tz in zones]
-        first_day, last_day = min(days_early), max(days_late)
+        # A day count on the local calendar moves only where the local date moved: the zones
+        # whose date at `late` is after their date at `early`, between those dates.
+        moved = [(d0, d1) for d0, d1 in ((_local_date(tz, early), _local_date(tz, late))
+                                         for tz in zones) if d1 > d0]
         parts: list[Select[Any]] = [
             select(c.c.id).where(c.c.stage.is_(None)),
             select(c.c.id).where(c.c.change_seq > previous_seq),
         ]
+        second = timedelta(seconds=1)
         for watch in self.watches:
             ranges: list[tuple[Any, Any]] = []
             sign = watch.clocked.sign
-            for k in watch.thresholds:
-                # An integer count moving monotonically from n0 (at `then`) to n1 (at `now`)
-                # can flip `count <op> k` only if it reaches k from one side: min(n0, n1) <= k
-                # <= max(n0, n1). These bounds keep every anchor for which that may hold.
-                low, high = math.floor(k), math.ceil(k)
-                if watch.clocked.local_date and sign > 0:  # count = local date - anchor
-                    ranges.append((first_day - timedelta(days=high),
-                                   last_day - timedelta(days=low)))
-                elif watch.clocked.local_date:  # count = anchor - local date
-                    ranges.append((first_day + timedelta(days=low),
-                                   last_day + timedelta(days=high)))
-                elif sign > 0:  # whole 24-hour periods since a timestamp, truncated
-                    ranges.append((early - timedelta(days=high + 1, seconds=1),
-                                   late - timedelta(days=low - 1) + timedelta(seconds=1)))
-                else:
-                    return None
+            if sign < 0 and not watch.clocked.local_date:
+                return None
+            # An integer count moving monotonically can flip `count <op> k` only by stepping
+            # from b - 1 to b (rising) or from b to b - 1 (falling) for b = floor(k) + 1 or
+            # ceil(k) (the two coincide unless k is a whole number: then `== k` flips at both).
+            # Each bound below holds every anchor for which such a step falls in (early, late].
+            for b in sorted({b for k in watch.thresholds
+                             for b in (math.floor(k) + 1, math.ceil(k))}):
+                if watch.clocked.local_date and moved:
+                    first_day = min(d0 for d0, _ in moved)
+                    last_day = max(d1 for _, d1 in moved)
+                    if sign > 0:  # count = local date - anchor reaches b
+                        ranges.append((first_day - timedelta(days=b - 1),
+                                       last_day - timedelta(days=b)))
+                    else:  # count = anchor - local date falls below b
+                        ranges.append((first_day + timedelta(days=b),
+                                       last_day + timedelta(days=b - 1)))
+                elif not watch.clocked.local_date:
+                    # whole 24-hour periods since a timestamp t, truncated toward zero: the
+                    # count reaches b >= 1 when the clock passes t + b days, b <= 0 when it
+                    # passes t + (b - 1) days; a second of slack for the truncation
+                    shift = timedelta(days=b if b >= 1 else b - 1)
+                    ranges.append((early - shift - second, late - shift + second))
             table = c if watch.clocked.source == "customer" else m
             key = c.c.id if table is c else m.c.customer_id
             column = table.c[watch.clocked.column]

@@ -4,8 +4,9 @@ the stage computed from scratch, on every backend."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, time, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -13,6 +14,7 @@ from sqlalchemy import Engine, delete, select
 
 from engine.clock import FixedClock
 from engine.config import LifecycleFile, ProjectConfig
+from engine.db import read_counter
 from engine.evaluation import Evaluator, TickKind
 from engine.explain import load_facts
 from engine.ingest import CustomerIn, EventIn, Ingestor, MembershipIn
@@ -59,9 +61,10 @@ def member(draw: st.DrawFn) -> dict[str, Any]:
     }
 
 
-# A step: move the clock by some hours (sometimes backwards), maybe ingest something first.
-step = st.tuples(st.integers(-30, 80), st.sampled_from(["none", "visit", "renew"]),
-                 st.integers(0, 5), st.booleans())
+# A step: move the clock by some minutes or hours (sometimes backwards), maybe ingest something
+# first. Minutes: full ticks a minute apart restage only the counts that crossed in that minute.
+step = st.tuples(st.integers(-30 * 60, 80 * 60) | st.integers(-90, 90),
+                 st.sampled_from(["none", "visit", "renew"]), st.integers(0, 5), st.booleans())
 
 
 def _reset(db: Engine) -> None:
@@ -91,8 +94,8 @@ def test_restricted_full_ticks_keep_every_stage_exact(
                 for i, m in enumerate(members) for h in m["visits"]])
     evaluator = Evaluator(db, project_config, [], clock)
     evaluator.tick()
-    for hours, ingest, who, incremental in steps:
-        clock.advance(timedelta(hours=hours))
+    for minutes, ingest, who, incremental in steps:
+        clock.advance(timedelta(minutes=minutes))
         target = f"c{who % len(members)}"
         if ingest == "visit":
             ing.events([EventIn(customer_external_id=target, kind="visit",
@@ -132,10 +135,8 @@ def test_conditions_beyond_day_counts_recompute_everyone() -> None:
     assert lifecycle('plan == "annual"').may_have_changed(then, now, ["UTC"], 0) is not None
 
 
-def test_each_boundary_of_the_lifecycle_is_crossed_by_a_restricted_tick(
-        db: Engine, project_config: ProjectConfig) -> None:
+def _boundary_members(db: Engine, clock: FixedClock) -> None:
     """One member per boundary of config/lifecycle.yaml, each a few hours before crossing it."""
-    clock = FixedClock(START)
     today = START.date()
     ing = Ingestor(db, clock)
     long_ago, far = today - timedelta(days=200), today + timedelta(days=200)
@@ -150,6 +151,12 @@ def test_each_boundary_of_the_lifecycle_is_crossed_by_a_restricted_tick(
                                   ends_on=e) for x, (s, e, _) in members.items()])
     ing.events([EventIn(customer_external_id=x, kind="visit", occurred_at=v)
                 for x, (_, _, v) in members.items()])
+
+
+def test_each_boundary_of_the_lifecycle_is_crossed_by_a_restricted_tick(
+        db: Engine, project_config: ProjectConfig) -> None:
+    clock = FixedClock(START)
+    _boundary_members(db, clock)
     evaluator = Evaluator(db, project_config, [], clock)
     evaluator.tick()
     before = _stages(db)
@@ -161,6 +168,40 @@ def test_each_boundary_of_the_lifecycle_is_crossed_by_a_restricted_tick(
         {"leaves-onboarding": "active", "renewal-comes-due": "renewal_due",
          "membership-ends": "lapsed", "goes-quiet": "lapsed"})
     _assert_exact(db, project_config, clock.now())
+
+
+def test_full_ticks_a_minute_apart_restage_only_what_crossed_in_that_minute(
+        db: Engine, project_config: ProjectConfig) -> None:
+    """The scheduler's full ticks come a minute apart: between two of them a timestamp count
+    moves for the customers whose day boundary fell in that minute, and a local-date count only
+    where the local date changed."""
+    clock = FixedClock(START)
+    _boundary_members(db, clock)
+    Evaluator(db, project_config, [], clock).tick()
+    lifecycle = Lifecycle(project_config.lifecycle)
+    zone = project_config.club.timezone
+    with db.connect() as conn:
+        seq = read_counter(conn, "change")
+
+    def restaged(then: datetime, now: datetime) -> set[str]:
+        ids = lifecycle.may_have_changed(then, now, [zone], seq)
+        assert ids is not None
+        with db.connect() as conn:
+            return set(conn.execute(select(Customer.external_id)
+                                    .where(Customer.id.in_(ids))).scalars())
+
+    minute = timedelta(minutes=1)
+    assert restaged(START, START + minute) == set()
+    # the last visit was 45 days and 12 hours ago: the 46th day since it begins in 12 hours
+    crossing = START + timedelta(hours=12)
+    assert restaged(crossing - minute, crossing + minute) == {"goes-quiet"}
+    assert restaged(crossing + minute, crossing + 2 * minute) == set()
+    # the next local midnight moves every membership day count
+    midnight = datetime.combine(START.date() + timedelta(days=1), time(),
+                                ZoneInfo(zone)).astimezone(UTC).replace(tzinfo=None)
+    assert restaged(midnight - minute, midnight - minute / 2) == set()
+    assert restaged(midnight - minute, midnight + minute) == {
+        "leaves-onboarding", "renewal-comes-due", "membership-ends"}
 
 
 def _stages(db: Engine) -> dict[str, str | None]:
