@@ -565,6 +565,7 @@ class Evaluator:
                            .in_(trig.stages))
         filters.extend(ranges)
         once = trig.once
+        o = Occurrence.__table__
         if once == Scope.PER_CYCLE:
             scope = literal("cycle:") + cast(func.coalesce(m.c.id, 0), String)
         elif once == Scope.EVER:
@@ -574,12 +575,19 @@ class Evaluator:
         else:
             assert isinstance(once, EveryScope)
             scope = literal("at:") + slot
-            o = Occurrence.__table__
             # through the unique key (trigger, customer): the trigger's few occurrences of the
             # customer, not every trigger's occurrences of them inside the window
             filters.append(~exists().where(
                 o.c.trigger_id == trig.id, o.c.customer_id == c.c.id,
                 unindexed(o.c.fired_at) > now - once.every))
+        if isinstance(when, RelativeWhen | ScheduleWhen) and not isinstance(once, EveryScope):
+            # Every full tick reads a date or schedule trigger's whole day of due customers
+            # again (every minute, under the scheduler): those it has already fired for in
+            # this scope are passed over by one probe of the unique key, before their
+            # conditions, channel and contact policy are worked out only for the INSERT to
+            # drop the row as a duplicate.
+            filters.append(~exists().where(
+                o.c.trigger_id == trig.id, o.c.customer_id == c.c.id, o.c.scope_key == scope))
         # The conditions last: SQLite tests the terms in the order written, and a windowed
         # count is a subquery per customer, not worth running for one fired a week ago.
         filters.extend(cond.sql(ctx) for cond in loaded.conditions)

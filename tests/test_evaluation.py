@@ -281,3 +281,7 @@ def test_sqlite_reads_each_trigger_through_its_own_index(
     reads = [step for step in plan if step.startswith("SEARCH") or step.startswith("SCAN")]
     assert f"INDEX {driver} " in reads[0], plan
     assert not any("ix_customers_stage" in step for step in reads[1:]), plan
+    # a date or schedule trigger passes over, by its unique key, the customers it has already
+    # fired for in this scope (every full tick reads its day of due customers again)
+    keyed = "(trigger_id=? AND customer_id=? AND scope_key=?)"
+    assert any(keyed in step for step in reads) == ("event" not in when), plan
