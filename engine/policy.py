@@ -52,7 +52,6 @@ from sqlalchemy import (
     and_,
     bindparam,
     case,
-    exists,
     func,
     insert,
     literal,
@@ -61,7 +60,6 @@ from sqlalchemy import (
     or_,
     select,
     true,
-    union,
     update,
 )
 
@@ -83,10 +81,18 @@ __all__ = ["ContactPolicy", "PolicyReport", "next_opening"]
 InZones = Callable[[Collection[str]], ColumnElement[bool]]
 ByZone = Callable[[dict[str, Any], Any], ColumnElement[Any]]
 
-# The customers of a tick whom a budget or cap may touch (`ContactPolicy._at_risk`): one row per
-# customer, refilled in each tick's transaction; a temporary table, private to its connection.
-AT_RISK = Table("policy_at_risk", MetaData(), Column("customer_id", BigInteger, primary_key=True),
-                prefixes=["TEMPORARY"])
+
+def _at_risk_table(limits: int) -> Table:
+    """The tick's marketing customers with their counts (`ContactPolicy._at_risk`): one row per
+    customer and membership of the tick's messages, with the customer's number of messages in
+    the tick and the counted messages under each limit, refilled in each tick's transaction; a
+    temporary table, private to its connection, named by its number of limits."""
+    return Table(f"policy_at_risk_{limits}", MetaData(),
+                 Column("customer_id", BigInteger, primary_key=True),
+                 Column("membership_key", BigInteger, primary_key=True),
+                 Column("tick_n", Integer, nullable=False),
+                 *(Column(f"used_{j}", Integer, nullable=False) for j in range(limits)),
+                 prefixes=["TEMPORARY"])
 
 MESSAGE = str(OccurrenceStatus.MESSAGE)
 SKIPPED = str(OccurrenceStatus.SKIPPED)
@@ -130,7 +136,21 @@ class PolicyReport:
 class _Statements:
     refuse: Update
     budgets: list[tuple[str, Update]]
-    at_risk: Insert | None  # fills AT_RISK; None: every customer is at risk (a limit of 0)
+    at_risk: tuple[Table, Insert] | None  # the counts and what fills them; None: no limits
+
+
+@dataclass(frozen=True)
+class _Limit:
+    """One budget or cap: at most `k` counted marketing messages per customer (and `channel`)
+    in the membership cycle (`cycle`) or since `since`, over the tick's occurrences `where`."""
+
+    kind: str
+    k: int
+    label: str
+    channel: str | None = None
+    cycle: bool = False
+    since: Any = None  # a bound parameter: the start of the cap's window
+    where: tuple[ColumnElement[bool], ...] = ()
 
 
 class ContactPolicy:
@@ -176,10 +196,10 @@ class ContactPolicy:
         self._defer(conn, tick_id, now, zones, closed, in_zones, by_zone, report)
         budgets = self._statements.budgets
         if budgets:
-            at_risk = self._statements.at_risk
-            if at_risk is not None:
-                empty_scratch(conn, AT_RISK)
-                conn.execute(at_risk, params)
+            assert self._statements.at_risk is not None
+            counts, fill = self._statements.at_risk
+            empty_scratch(conn, counts)
+            conn.execute(fill, params)
             for kind, statement in budgets:
                 report.skip(kind, int(conn.execute(statement, params).rowcount or 0))
         return report
@@ -189,10 +209,11 @@ class ContactPolicy:
         """The policy's statements, built once: each tick only binds its parameters (tick,
         closed zones, cap windows), so SQLAlchemy's compiled cache serves every later tick."""
         if self._built is None:
-            at_risk = self._at_risk()
-            self._built = _Statements(self._refuse_statement(),
-                                      self._budget_statements(prefiltered=at_risk is not None),
-                                      at_risk)
+            limits = self._limits()
+            at_risk = self._at_risk(limits) if limits else None
+            budgets = [] if at_risk is None else [
+                (limit.kind, self._limit(j, limit, at_risk[0])) for j, limit in enumerate(limits)]
+            self._built = _Statements(self._refuse_statement(), budgets, at_risk)
         return self._built
 
     # 1. channel ----------------------------------------------------------------------------------
@@ -335,84 +356,66 @@ class ContactPolicy:
 
     # 3. budgets and caps -------------------------------------------------------------------------
 
-    def _at_risk(self) -> Insert | None:
-        """The customers a budget or cap may touch in this tick, a superset: those with two or
-        more marketing messages in the tick, or a counted message inside the longest cap window,
-        or as many counted messages in the cycle as the smallest per-cycle limit. Anyone else
-        has one message in the tick and room under every limit, so the ranking UPDATEs skip them
-        without computing their counts (most of a steady tick's customers)."""
-        cycle_limits = [k for seg in self.policy.segments.values()
-                        for k in seg.max_per_cycle.values()]
-        if self.policy.cycle_budget is not None:
-            cycle_limits.append(self.policy.cycle_budget)
-        caps = [cap.max for cap in self.policy.frequency_caps]
-        if not self.marketing or not (cycle_limits or caps) or min([*cycle_limits, *caps]) < 1:
-            return None
-        o = table(Occurrence)
-        m = table(Message)
-        mo = table(Occurrence).alias("counted")
-        mine = and_(o.c.tick_id == bindparam("policy_tick", type_=Integer),
-                    o.c.status == MESSAGE, o.c.trigger_id.in_(self.marketing))
-        counted = and_(m.c.trigger_id.in_(self.marketing), m.c.status != MessageStatus.FAILED)
-        # grouped, not correlated: the tick's rows of one customer have no index of their own
-        several = (select(o.c.customer_id).where(mine).group_by(o.c.customer_id)
-                   .having(func.count() > 1))
-        near: list[ColumnElement[bool]] = []
-        if caps:
-            near.append(exists().where(
-                m.c.customer_id == o.c.customer_id, counted,
-                m.c.due_at > bindparam("risk_since", type_=DateTime())))
-        if cycle_limits:
-            near.append(
-                select(func.count()).select_from(m.join(mo, mo.c.id == m.c.occurrence_id))
-                .where(m.c.customer_id == o.c.customer_id, counted,
-                       mo.c.membership_id.is_not_distinct_from(o.c.membership_id))
-                .scalar_subquery() >= min(cycle_limits))
-        return insert(AT_RISK).from_select(
-            ["customer_id"], union(several, select(o.c.customer_id).where(mine, or_(*near))))
-
-    def _budget_statements(self, *, prefiltered: bool) -> list[tuple[str, Update]]:
-        """The ranking UPDATEs, in order: cycle budget, segment caps, frequency caps; reading
-        only the customers in AT_RISK when `prefiltered`."""
+    def _limits(self) -> list[_Limit]:
+        """The budgets and caps, in the order they are applied: cycle budget, segment caps,
+        frequency caps."""
         if not self.marketing:
             return []
         o = table(Occurrence)
-        m = table(Message)
-        mo = table(Occurrence).alias("counted")
-        counted = and_(m.c.trigger_id.in_(self.marketing), m.c.status != MessageStatus.FAILED)
-        out: list[tuple[str, Update]] = []
+        out: list[_Limit] = []
         if self.policy.cycle_budget is not None:
-            used = (select(func.count()).select_from(m.join(mo, mo.c.id == m.c.occurrence_id))
-                    .where(m.c.customer_id == o.c.customer_id, counted,
-                           mo.c.membership_id.is_not_distinct_from(o.c.membership_id))
-                    .scalar_subquery())
             k = self.policy.cycle_budget
-            out.append(("cycle_budget", self._limit(k, used, prefiltered, by_channel=False,
-                                                    label=f"cycle_budget {k}/{k}")))
+            out.append(_Limit("cycle_budget", k, f"cycle_budget {k}/{k}", cycle=True))
         for name, seg in sorted(self.policy.segments.items()):
             for channel, k in sorted(seg.max_per_cycle.items()):
-                used = (select(func.count())
-                        .select_from(m.join(mo, mo.c.id == m.c.occurrence_id))
-                        .where(m.c.customer_id == o.c.customer_id, counted,
-                               m.c.channel == channel,
-                               mo.c.membership_id.is_not_distinct_from(o.c.membership_id))
-                        .scalar_subquery())
-                out.append(("segment_budget", self._limit(
-                    k, used, prefiltered, by_channel=True,
-                    label=f"segment_budget {name}: {channel} {k}/{k}",
-                    where=[o.c.channel == channel, self._in_segment(o, name)])))
+                out.append(_Limit("segment_budget", k,
+                                  f"segment_budget {name}: {channel} {k}/{k}", channel=channel,
+                                  cycle=True,
+                                  where=(o.c.channel == channel, self._in_segment(o, name))))
         for i, cap in enumerate(self.policy.frequency_caps):
-            since = bindparam(f"since_{i}", type_=DateTime())
-            scope = [m.c.channel == cap.channel] if cap.channel else []
-            used = (select(func.count()).select_from(m)
-                    .where(m.c.customer_id == o.c.customer_id, counted, m.c.due_at > since,
-                           *scope)
-                    .scalar_subquery())
-            out.append(("frequency_cap", self._limit(
-                cap.max, used, prefiltered, by_channel=cap.channel is not None,
-                label=f"frequency_cap {cap.label}",
-                where=[o.c.channel == cap.channel] if cap.channel else [])))
+            out.append(_Limit("frequency_cap", cap.max, f"frequency_cap {cap.label}",
+                              channel=cap.channel,
+                              since=bindparam(f"since_{i}", type_=DateTime()),
+                              where=(o.c.channel == cap.channel,) if cap.channel else ()))
         return out
+
+    def _at_risk(self, limits: Sequence[_Limit]) -> tuple[Table, Insert]:
+        """The counts every limit reads, in one pass over the outbox of the tick's marketing
+        customers: each limit's ranking UPDATE then reads them by key instead of counting the
+        customer's messages again, and passes over the customers whose messages in the tick
+        and counted messages stay within it (most of a steady tick's customers)."""
+        counts = _at_risk_table(len(limits))
+        o = table(Occurrence)
+        m = table(Message)
+        mo = table(Occurrence).alias("counted")
+        membership = func.coalesce(o.c.membership_id, 0)
+        grouped = (select(o.c.customer_id, membership.label("membership_key"),
+                          func.sum(func.count()).over(partition_by=o.c.customer_id)
+                          .label("tick_n"))
+                   .where(o.c.tick_id == bindparam("policy_tick", type_=Integer),
+                          o.c.status == MESSAGE, o.c.trigger_id.in_(self.marketing))
+                   .group_by(o.c.customer_id, membership).subquery("tick"))
+        counted = and_(m.c.customer_id == grouped.c.customer_id,
+                       m.c.trigger_id.in_(self.marketing), m.c.status != MessageStatus.FAILED)
+
+        def used(limit: _Limit) -> ColumnElement[Any]:
+            terms: list[ColumnElement[bool]] = [m.c.id.is_not(None)]
+            if limit.channel:
+                terms.append(m.c.channel == limit.channel)
+            if limit.cycle:
+                terms.append(func.coalesce(mo.c.membership_id, 0) == grouped.c.membership_key)
+            if limit.since is not None:
+                terms.append(m.c.due_at > limit.since)
+            return func.coalesce(func.sum(case((and_(*terms), 1), else_=0)), 0)
+
+        columns = [grouped.c.customer_id, grouped.c.membership_key, grouped.c.tick_n]
+        fill = insert(counts).from_select(
+            [col.name for col in counts.columns],
+            select(*columns, *(used(limit) for limit in limits))
+            .select_from(grouped.outerjoin(m, counted)
+                         .outerjoin(mo, mo.c.id == m.c.occurrence_id))
+            .group_by(*columns))
+        return counts, fill
 
     @staticmethod
     def _in_segment(o: Any, segment: str) -> ColumnElement[bool]:
@@ -428,13 +431,21 @@ class ContactPolicy:
         return case(*((o.c.trigger_id.in_(sorted(ids)), literal(p))
                       for p, ids in sorted(groups.items())), else_=literal(0))
 
-    def _limit(self, k: int, used: Any, prefiltered: bool, *, by_channel: bool, label: str,
-               where: Sequence[ColumnElement[bool]] = ()) -> Update:
-        """Skip the tick's marketing messages beyond `k` per customer (and channel), counting
-        `used` (correlated on the occurrence) first and the higher priorities of the tick next."""
+    def _limit(self, j: int, limit: _Limit, counts: Table) -> Update:
+        """Skip the tick's marketing messages beyond `limit.k` per customer (and channel),
+        counting the customer's earlier messages (`used_<j>` of the counts) first and the higher
+        priorities of the tick next. Only customers whose messages in the tick could take them
+        over the limit are ranked."""
         o = table(Occurrence)
-        at_risk = [o.c.customer_id.in_(select(AT_RISK.c.customer_id))] if prefiltered else []
-        partition = [o.c.customer_id, o.c.channel] if by_channel else [o.c.customer_id]
+        k = limit.k
+        used_j = counts.c[f"used_{j}"]
+        used = (select(used_j).where(counts.c.customer_id == o.c.customer_id,
+                                     counts.c.membership_key
+                                     == func.coalesce(o.c.membership_id, 0))
+                .scalar_subquery())
+        at_risk = o.c.customer_id.in_(select(counts.c.customer_id)
+                                      .where(used_j + counts.c.tick_n > k))
+        partition = [o.c.customer_id, o.c.channel] if limit.channel else [o.c.customer_id]
         order = [self._priority(o).desc(), o.c.trigger_id]
         ranked = (select(o.c.id,
                          func.row_number().over(partition_by=partition, order_by=order)
@@ -444,11 +455,11 @@ class ContactPolicy:
                          used.label("used"))
                   .where(o.c.tick_id == bindparam("policy_tick", type_=Integer),
                          o.c.status == MESSAGE, o.c.trigger_id.in_(self.marketing),
-                         *at_risk, *where)
+                         at_risk, *limit.where)
                   .subquery("ranked"))
         # `lower_priority` only when another trigger of this tick took the room
         reason = case((or_(ranked.c.used >= k, ranked.c.winner == o.c.trigger_id),
-                       literal(label)),
+                       literal(limit.label)),
                       else_=literal("lower_priority than ") + ranked.c.winner)
         return (update(o).where(o.c.id == ranked.c.id, ranked.c.rank + ranked.c.used > k)
                 .values(status=SKIPPED, reason=reason, not_before=null()))
