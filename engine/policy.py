@@ -84,9 +84,9 @@ ByZone = Callable[[dict[str, Any], Any], ColumnElement[Any]]
 
 def _at_risk_table(limits: int) -> Table:
     """The tick's marketing customers with their counts (`ContactPolicy._at_risk`): one row per
-    customer and membership of the tick's messages, with the customer's number of messages in
-    the tick and the counted messages under each limit, refilled in each tick's transaction; a
-    temporary table, private to its connection, named by its number of limits."""
+    customer and membership (key 0: none) of the tick's messages, with the customer's number of
+    messages in the tick and the counted messages under each limit, refilled in each tick's
+    transaction; a temporary table, private to its connection, named by its number of limits."""
     return Table(f"policy_at_risk_{limits}", MetaData(),
                  Column("customer_id", BigInteger, primary_key=True),
                  Column("membership_key", BigInteger, primary_key=True),
@@ -180,8 +180,6 @@ class ContactPolicy:
             params[f"closed_{i}_club"] = default_tz in shut
         for i, cap in enumerate(self.policy.frequency_caps):
             params[f"since_{i}"] = now - cap.per
-        params["risk_since"] = now - max((cap.per for cap in self.policy.frequency_caps),
-                                         default=timedelta(0))
         return params
 
     def apply(self, conn: Connection, params: dict[str, Any], now: datetime,
