@@ -585,9 +585,13 @@ class Evaluator:
             # again (every minute, under the scheduler): those it has already fired for in
             # this scope are passed over by one probe of the unique key, before their
             # conditions, channel and contact policy are worked out only for the INSERT to
-            # drop the row as a duplicate.
-            filters.append(~exists().where(
-                o.c.trigger_id == trig.id, o.c.customer_id == c.c.id, o.c.scope_key == scope))
+            # drop the row as a duplicate. A probe per customer (a scalar subquery, which
+            # PostgreSQL runs as such): as NOT EXISTS, PostgreSQL joined the trigger's
+            # occurrences of the scope, estimated at one row for a new slot, in a loop over
+            # every customer (6 s at a million customers for 9,000 of them).
+            filters.append(select(o.c.id).where(
+                o.c.trigger_id == trig.id, o.c.customer_id == c.c.id, o.c.scope_key == scope)
+                .limit(1).scalar_subquery().is_(None))
         # The conditions last: SQLite tests the terms in the order written, and a windowed
         # count is a subquery per customer, not worth running for one fired a week ago.
         filters.extend(cond.sql(ctx) for cond in loaded.conditions)
