@@ -15,8 +15,8 @@ from engine.conditions import Condition, compile_condition
 from engine.config import ChannelsFile, ClubFile, LifecycleFile, PolicyFile, ProjectConfig
 from engine.rulefile import Trigger
 
-__all__ = ["AFTER", "FIRST", "INCREMENTAL", "INGEST_AT", "REPEATED", "STEADY", "WARMUP", "Loaded", "load_config",
-           "load_triggers"]
+__all__ = ["AFTER", "FIRST", "INCREMENTAL", "INGEST_AT", "REPEATED", "STEADY", "WARMUP", "Loaded",
+           "load_config", "load_triggers"]
 
 ROOT = Path(__file__).resolve().parents[1]
 FIRST = NOW                                       # the first full tick

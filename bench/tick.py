@@ -309,17 +309,16 @@ def _lines(path: str) -> list[str]:
 def print_table(r: dict[str, Any]) -> None:
     n = r["customers"]
     first, steady, inc = r["first_full_tick"], r["steady_full_tick"], r["incremental_tick"]
+    after, again = r["full_tick_after_incremental"], r["full_tick_a_minute_later"]
     rows = [
         ("first full tick (assigns every stage)", f"{first['seconds']:.3f} s",
          f"{first['stage_changes']:,} stage changes, {first['occurrences']:,} occurrences"),
         ("steady full tick (next day)", f"{steady['seconds']:.3f} s",
          f"{steady['stage_changes']:,} stage changes, {steady['occurrences']:,} occurrences"),
-        ("full tick after the incremental", f"{r['full_tick_after_incremental']['seconds']:.3f} s",
-         f"{r['full_tick_after_incremental']['stage_changes']:,} stage changes, "
-         f"{r['full_tick_after_incremental']['occurrences']:,} occurrences"),
-        ("full tick a minute later (scheduler)", f"{r['full_tick_a_minute_later']['seconds']:.3f} s",
-         f"{r['full_tick_a_minute_later']['stage_changes']:,} stage changes, "
-         f"{r['full_tick_a_minute_later']['occurrences']:,} occurrences"),
+        ("full tick after the incremental", f"{after['seconds']:.3f} s",
+         f"{after['stage_changes']:,} stage changes, {after['occurrences']:,} occurrences"),
+        ("full tick a minute later (scheduler)", f"{again['seconds']:.3f} s",
+         f"{again['stage_changes']:,} stage changes, {again['occurrences']:,} occurrences"),
         (f"incremental tick ({r['ingest']['events']:,} changed)", f"{inc['seconds']:.3f} s",
          f"{inc['stage_changes']:,} stage changes, {inc['occurrences']:,} occurrences"),
         ("  the process's first (compiles statements)",
@@ -347,7 +346,7 @@ def print_table(r: dict[str, Any]) -> None:
     for label, value, note in rows:
         print(f"  {label:<{width}}  {value:>10}  {note}")
     for name, tick in (("steady full tick", steady), ("incremental tick", inc),
-                       ("full tick a minute later", r["full_tick_a_minute_later"])):
+                       ("full tick a minute later", again)):
         print(f"  {name}: {tick['database_seconds']:.3f} s of {tick['seconds']:.3f} s in the "
               f"database, {tick['statements']} statements; the slowest:")
         for row in tick["slowest"][:5]:
