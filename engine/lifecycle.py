@@ -108,6 +108,9 @@ class Lifecycle:
         # whose date at `late` is after their date at `early`, between those dates.
         moved = [(d0, d1) for d0, d1 in ((_local_date(tz, early), _local_date(tz, late))
                                          for tz in zones) if d1 > d0]
+        if moved:
+            first_day = min(d0 for d0, _ in moved)
+            last_day = max(d1 for _, d1 in moved)
         parts: list[Select[Any]] = [
             select(c.c.id).where(c.c.stage.is_(None)),
             select(c.c.id).where(c.c.change_seq > previous_seq),
@@ -125,8 +128,6 @@ class Lifecycle:
             for b in sorted({b for k in watch.thresholds
                              for b in (math.floor(k) + 1, math.ceil(k))}):
                 if watch.clocked.local_date and moved:
-                    first_day = min(d0 for d0, _ in moved)
-                    last_day = max(d1 for _, d1 in moved)
                     if sign > 0:  # count = local date - anchor reaches b
                         ranges.append((first_day - timedelta(days=b - 1),
                                        last_day - timedelta(days=b)))

@@ -397,6 +397,8 @@ class ContactPolicy:
                        m.c.trigger_id.in_(self.marketing), m.c.status != MessageStatus.FAILED)
 
         def used(limit: _Limit) -> ColumnElement[Any]:
+            # a message row, not the outer join's NULLs (whose membership would compare as
+            # 0, that of a customer without one)
             terms: list[ColumnElement[bool]] = [m.c.id.is_not(None)]
             if limit.channel:
                 terms.append(m.c.channel == limit.channel)
