@@ -9,14 +9,10 @@ full tick recomputes the stages of the customers near a boundary instead of the 
 
 from __future__ import annotations
 
-import ast
 import hashlib
-import math
 from collections.abc import Iterable
-from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import datetime
 from typing import Any
-from zoneinfo import ZoneInfo
 
 from sqlalchemy import (
     ColumnElement,
@@ -37,22 +33,15 @@ from sqlalchemy import (
 from engine.conditions import Condition, compile_condition
 from engine.config import LifecycleFile
 from engine.db import analyze_if_grown
-from engine.metrics import Clocked, Facts, SqlContext, UnknownName, resolve
-from engine.models import Customer, Membership, StageChange, table
+from engine.drift import Drift
+from engine.metrics import Facts, SqlContext
+from engine.models import Customer, StageChange, table
 
 __all__ = ["Lifecycle"]
 
 # Metrics the tick itself writes: a stage condition on them makes stages depend on the previous
 # stage, so only a full recomputation is safe.
-_SELF_REFERENCING = {"stage", "days_in_stage"}
-
-
-@dataclass(frozen=True)
-class _Watch:
-    """A day count the stage conditions compare with constants, and those constants."""
-
-    clocked: Clocked
-    thresholds: frozenset[float]
+_SELF_REFERENCING = frozenset({"stage", "days_in_stage"})
 
 
 class Lifecycle:
@@ -64,7 +53,9 @@ class Lifecycle:
             (s.id, [compile_condition(c) for c in s.conditions]) for s in definition.stages
         ]
         self.fingerprint = hashlib.sha256(definition.model_dump_json().encode()).hexdigest()[:16]
-        self.watches = _watches(definition)
+        # a stage condition on a windowed count restages everyone: only day counts are bounded
+        self.watches = Drift.of((c for s in definition.stages for c in s.conditions),
+                                windows=False, unbounded=_SELF_REFERENCING)
 
     @property
     def ids(self) -> tuple[str, ...]:
@@ -101,51 +92,13 @@ class Lifecycle:
         the stage itself): then every customer must be recomputed."""
         if self.watches is None:
             return None
+        moved = self.watches.moved(then, now, zones)
+        if moved is None:
+            return None
         c = Customer.__table__
-        m = Membership.__table__
-        early, late = min(then, now), max(then, now)
-        # A day count on the local calendar moves only where the local date moved: the zones
-        # whose date at `late` is after their date at `early`, between those dates.
-        moved = [(d0, d1) for d0, d1 in ((_local_date(tz, early), _local_date(tz, late))
-                                         for tz in zones) if d1 > d0]
-        if moved:
-            first_day = min(d0 for d0, _ in moved)
-            last_day = max(d1 for _, d1 in moved)
-        parts: list[Select[Any]] = [
-            select(c.c.id).where(c.c.stage.is_(None)),
-            select(c.c.id).where(c.c.change_seq > previous_seq),
-        ]
-        second = timedelta(seconds=1)
-        for watch in self.watches:
-            ranges: list[tuple[Any, Any]] = []
-            sign = watch.clocked.sign
-            if sign < 0 and not watch.clocked.local_date:
-                return None
-            # An integer count moving monotonically can flip `count <op> k` only by stepping
-            # from b - 1 to b (rising) or from b to b - 1 (falling) for b = floor(k) + 1 or
-            # ceil(k) (the two coincide unless k is a whole number: then `== k` flips at both).
-            # Each bound below holds every anchor for which such a step falls in (early, late].
-            for b in sorted({b for k in watch.thresholds
-                             for b in (math.floor(k) + 1, math.ceil(k))}):
-                if watch.clocked.local_date and moved:
-                    if sign > 0:  # count = local date - anchor reaches b
-                        ranges.append((first_day - timedelta(days=b - 1),
-                                       last_day - timedelta(days=b)))
-                    else:  # count = anchor - local date falls below b
-                        ranges.append((first_day + timedelta(days=b),
-                                       last_day + timedelta(days=b - 1)))
-                elif not watch.clocked.local_date:
-                    # whole 24-hour periods since a timestamp t, truncated toward zero: the
-                    # count reaches b >= 1 when the clock passes t + b days, b <= 0 when it
-                    # passes t + (b - 1) days; a second of slack for the truncation
-                    shift = timedelta(days=b if b >= 1 else b - 1)
-                    ranges.append((early - shift - second, late - shift + second))
-            table = c if watch.clocked.source == "customer" else m
-            key = c.c.id if table is c else m.c.customer_id
-            column = table.c[watch.clocked.column]
-            for low_end, high_end in _merged(ranges):
-                parts.append(select(key).where(column.between(low_end, high_end)))
-        return union_all(*parts).subquery("restaged").select()
+        return union_all(select(c.c.id).where(c.c.stage.is_(None)),
+                         select(c.c.id).where(c.c.change_seq > previous_seq),
+                         *moved).subquery("restaged").select()
 
     def record_changes(self, conn: Connection, base: Select[Any], ctx: SqlContext, tick_id: int,
                        now: datetime, *, copy: Table | None = None) -> int:
@@ -199,77 +152,3 @@ def _refresh_statistics(conn: Connection, changed: int) -> None:
     inside a loop over customers: quadratic, an hour at a million customers. ANALYZE in the
     transaction samples its own uncommitted rows."""
     analyze_if_grown(conn, table(Customer).name, changed, also=(table(StageChange).name,))
-
-
-def _local_date(tz: str, moment: datetime) -> date:
-    return moment.replace(tzinfo=ZoneInfo("UTC")).astimezone(ZoneInfo(tz)).date()
-
-
-def _merged(ranges: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
-    out: list[tuple[Any, Any]] = []
-    for low, high in sorted(ranges):
-        if out and low <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], high))
-        else:
-            out.append((low, high))
-    return out
-
-
-def _watches(definition: LifecycleFile) -> list[_Watch] | None:
-    """The day counts compared with constants in the stage conditions, or None if some
-    time-dependent name is used in any other way."""
-    found: dict[Clocked, set[float]] = {}
-    for stage in definition.stages:
-        for text in stage.conditions:
-            tree = ast.parse(text.strip(), mode="eval")
-            covered: set[int] = set()
-            for node in ast.walk(tree):
-                if not isinstance(node, ast.Compare):
-                    continue
-                operands = [node.left, *node.comparators]
-                for i, operand in enumerate(operands):
-                    metric = _metric(operand)
-                    if metric is None or metric.timeless:
-                        continue
-                    neighbours = operands[max(i - 1, 0):i] + operands[i + 1:i + 2]
-                    values = [_numbers(n) for n in neighbours]
-                    if metric.clocked is None or any(v is None for v in values):
-                        continue
-                    found.setdefault(metric.clocked, set()).update(
-                        x for v in values for x in v or ())
-                    covered.add(id(operand))
-            for node in ast.walk(tree):
-                metric = _metric(node)
-                if metric is None:
-                    continue
-                if metric.name in _SELF_REFERENCING:
-                    return None
-                if not metric.timeless and id(node) not in covered:
-                    return None
-    return [_Watch(clocked, frozenset(values)) for clocked, values in found.items()]
-
-
-def _metric(node: ast.AST) -> Any:
-    if not isinstance(node, ast.Name):
-        return None  # attributes.<key> are customer data: timeless
-    try:
-        return resolve(node.id)
-    except UnknownName:
-        return None  # true / false
-
-
-def _numbers(node: ast.expr) -> list[float] | None:
-    """The numeric constants of `node` (a number or a list of numbers); [] for None."""
-    items = node.elts if isinstance(node, ast.List | ast.Tuple) else [node]
-    out: list[float] = []
-    for item in items:
-        sign = 1
-        if isinstance(item, ast.UnaryOp) and isinstance(item.op, ast.USub):
-            sign, item = -1, item.operand
-        if isinstance(item, ast.Constant) and item.value is None:
-            continue
-        if not (isinstance(item, ast.Constant) and isinstance(item.value, int | float)
-                and not isinstance(item.value, bool)):
-            return None
-        out.append(sign * float(item.value))
-    return out

@@ -94,7 +94,8 @@ class Metric:
     """A name usable in a condition.
 
     `timeless` metrics change only when the customer's data changes; the others also change as
-    time passes, and `clocked` says how when it is a plain day count."""
+    time passes: `clocked` says how when it is a plain day count, `window` the event kind and
+    days when it counts events in a sliding window."""
 
     name: str
     type: MetricType
@@ -103,6 +104,7 @@ class Metric:
     description: str = ""
     timeless: bool = True
     clocked: Clocked | None = None
+    window: tuple[str, int] | None = None
 
 
 class UnknownName(LookupError):
@@ -277,7 +279,7 @@ def _windowed(name: str, kind: str, days: int) -> Metric:
         return sum(1 for t in f.events.get(kind, ()) if since < t <= f.now)
 
     return Metric(name, MetricType.NUMBER, sql, py, f"{kind} events in the last {days} days",
-                  timeless=False)
+                  timeless=False, window=(kind, days))
 
 
 def resolve(name: str) -> Metric:
