@@ -228,6 +228,8 @@ class Tick(Base):
     dry_run: Mapped[bool] = mapped_column(Boolean, default=False)
     summary: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
+    __table_args__ = (Index(None, "now"),)
+
 
 class Occurrence(Base):
     __tablename__ = "occurrences"
