@@ -12,12 +12,18 @@ A tick, in one transaction:
 An incremental tick restricts steps 1-2 to customers whose data changed since the previous tick,
 read from temporary copies of them and their memberships made once per tick; event and
 stage-entry triggers always read only what arrived since their watermark.
+
+A full tick re-reads a date or schedule trigger's due customers only where something may have
+changed since the previous full tick evaluated them, if that tick evaluated the same trigger
+in the same slot (`_settled`): under the scheduler, full ticks come a minute apart, and a
+trigger's slot (a local date, a schedule's firing) lasts a day.
 """
 
 from __future__ import annotations
 
 import ast
 import functools
+import hashlib
 import os
 import socket
 import time as _time
@@ -33,6 +39,7 @@ from sqlalchemy import (
     BigInteger,
     Column,
     ColumnElement,
+    CompoundSelect,
     Connection,
     Date,
     DateTime,
@@ -42,6 +49,7 @@ from sqlalchemy import (
     Integer,
     Label,
     MetaData,
+    Row,
     Select,
     String,
     Table,
@@ -57,6 +65,7 @@ from sqlalchemy import (
     or_,
     select,
     true,
+    union_all,
     update,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -75,6 +84,7 @@ from engine.clock import Clock, utc_naive
 from engine.conditions import Condition
 from engine.config import ProjectConfig
 from engine.db import analyze_if_grown, empty_scratch, read_counter, release_lease, take_lease
+from engine.drift import Drift
 from engine.lifecycle import Lifecycle
 from engine.metrics import SqlContext, UnknownName, resolve
 from engine.models import (
@@ -187,6 +197,15 @@ class _Assigned:
     anchors: tuple[Any, ...]  # the objects whose ids key the entry, kept alive with it
 
 
+@dataclass(frozen=True)
+class _Settled:
+    """Where a full tick re-reads only some of a trigger's due customers: the zones whose slot
+    the previous full tick already evaluated, and the ids of the customers to read there."""
+
+    zones: frozenset[str]
+    ids: CompoundSelect[Any]
+
+
 def local_dates(zones: Iterable[str], now: datetime) -> list[LocalDay]:
     """For each time zone, the local date and time at the UTC instant `now`."""
     out = []
@@ -209,7 +228,7 @@ class Evaluator:
 
     def __init__(self, engine: Engine, config: ProjectConfig, triggers: Sequence[LoadedTriggerLike],
                  clock: Clock, *, files: dict[str, tuple[str, str]] | None = None,
-                 holder: str | None = None, policy: bool = True) -> None:
+                 holder: str | None = None, policy: bool = True, settle: bool = True) -> None:
         self.engine = engine
         self.config = config
         self.triggers = [t for t in triggers if t.trigger.enabled]
@@ -227,6 +246,16 @@ class Evaluator:
         self._assignments: dict[tuple[Any, ...], _Assigned] = {}  # see _assignment
         self._aliases: dict[str, FromClause] = {}  # memberships (or its copy) -> alias "m"
         self._copies: dict[str, tuple[Any, Any]] = {}  # dialect -> the two copy INSERTs
+        # what a full tick records of each trigger it evaluated, to know it again (`_settled`)
+        self._fingerprints = {
+            t.trigger.id: hashlib.sha256(t.trigger.model_dump_json().encode()).hexdigest()[:16]
+            for t in self.triggers}
+        # the time-dependent names of the date and schedule triggers' conditions; without them
+        # (`settle` off: only to measure or test without it) every full tick reads every due
+        # customer
+        self._drifts = {t.trigger.id: Drift.of(c.text for c in t.conditions)
+                        for t in self.triggers
+                        if settle and isinstance(t.trigger.when, RelativeWhen | ScheduleWhen)}
 
     # the tick ----------------------------------------------------------------------------------
 
@@ -393,6 +422,7 @@ class Evaluator:
                   else self.policy.params(tick_id, now, self._zones, self.default_tz))
         ctx, base = self._context(now)
         changed: SqlContext | None = None
+        previous_full: Row[Any] | None = None
         # before the copy, so that the customers of every event up to it are in the copy
         event_max = conn.execute(select(func.max(Event.id))).scalar() or 0
         if kind is TickKind.INCREMENTAL:
@@ -402,7 +432,8 @@ class Evaluator:
             result.stage_changes = self.lifecycle.record_changes(
                 conn, base, changed, tick_id, now, copy=CHANGED_CUSTOMERS)
         else:
-            restaged = self._restaged(conn, now, previous_seq)
+            previous_full = self._previous_full(conn)
+            restaged = self._restaged(previous_full, now, previous_seq)
             if restaged is not None:
                 base = base.where(ctx.customer.c.id.in_(restaged))
             result.stage_changes = self.lifecycle.record_changes(conn, base, ctx, tick_id, now)
@@ -419,7 +450,8 @@ class Evaluator:
             # events among the changed ones
             caught_up = previous_events is not None and event_wm >= previous_events
             candidates = self._candidates(loaded, ctx, changed, now, (event_wm, event_max),
-                                          (stage_wm, stage_max), caught_up=caught_up)
+                                          (stage_wm, stage_max), caught_up=caught_up,
+                                          settled=self._settled(loaded, previous_full, now))
             count = self._insert_occurrences(conn, loaded, candidates, tick_id, now,
                                              versions.get(loaded.path), params)
             result.occurrences[trig.id] = count
@@ -439,40 +471,95 @@ class Evaluator:
             # tick at least doubled them: ordinary growth is autovacuum's.
             analyze_if_grown(conn, table(Occurrence).name, sum(result.occurrences.values()),
                              also=(table(Message).name,), share=1.0)
+        # a full tick's evaluation, for the next full tick's `_settled`
+        evaluated = ({"stage_max": stage_max, "triggers": self._fingerprints}
+                     if kind is TickKind.FULL else {})
         conn.execute(update(Tick).where(Tick.id == tick_id).values(
             finished_at=self.clock.now(),
-            summary={**result.as_dict(), "stages": self._stages_key, "event_max": event_max}))
+            summary={**result.as_dict(), "stages": self._stages_key, "event_max": event_max,
+                     **evaluated}))
         return result
 
-    def _restaged(self, conn: Connection, now: datetime,
+    @staticmethod
+    def _previous_full(conn: Connection) -> Row[Any] | None:
+        """The instant, summary and change count of the previous full tick, if any."""
+        return conn.execute(
+            select(Tick.now, Tick.summary, Tick.change_seq)
+            .where(Tick.kind == str(TickKind.FULL), Tick.dry_run.is_(False),
+                   Tick.finished_at.is_not(None))
+            .order_by(Tick.id.desc()).limit(1)).first()
+
+    def _restaged(self, previous: Row[Any] | None, now: datetime,
                   previous_seq: int) -> Select[Any] | None:
         """The customers whose stage may have changed since the previous full tick (None: all).
 
         Valid only if that tick computed stages with the same definition and default zone.
         Customers changed since that tick are all recomputed, even those an incremental tick
         has seen since: it computed their stage at its own instant, not at the full tick's."""
-        previous = conn.execute(
-            select(Tick.now, Tick.summary, Tick.change_seq)
-            .where(Tick.kind == str(TickKind.FULL), Tick.dry_run.is_(False),
-                   Tick.finished_at.is_not(None))
-            .order_by(Tick.id.desc()).limit(1)).first()
         if previous is None or (previous.summary or {}).get("stages") != self._stages_key:
             return None
         return self.lifecycle.may_have_changed(previous.now, now, self._zones,
                                                min(previous.change_seq, previous_seq))
 
+    def _settled(self, loaded: LoadedTriggerLike, previous: Row[Any] | None,
+                 now: datetime) -> _Settled | None:
+        """Where the previous full tick already evaluated this date or schedule trigger for the
+        slot it is due in now, the customers whose evaluation may differ since (None: read
+        every due customer).
+
+        A customer the previous full tick passed over in the same slot (not due there, not in
+        the trigger's stages, conditions false, or fired for already in the scope) is passed
+        over again unless their data changed since that tick (every ingestion bumps
+        `change_seq`), their stage changed, time moved a count in the trigger's conditions
+        (`engine.drift`), or an occurrence of an `every: N` trigger left its window. Valid
+        only if that tick evaluated the same definition of the trigger, with the same stages,
+        at an instant not after this one."""
+        trig = loaded.trigger
+        when = trig.when
+        drift = self._drifts.get(trig.id)
+        if previous is None or drift is None or previous.now > now:
+            return None
+        summary = previous.summary or {}
+        stage_max = summary.get("stage_max")
+        if (summary.get("stages") != self._stages_key or stage_max is None
+                or (summary.get("triggers") or {}).get(trig.id) != self._fingerprints[trig.id]):
+            return None
+        assert isinstance(when, RelativeWhen | ScheduleWhen)
+        then = {d.tz: d for d in local_dates(self._zones, previous.now)}
+        zones = frozenset(d.tz for d in self._days
+                          if (slot := _slot(when, d)) is not None
+                          and slot == _slot(when, then[d.tz]))
+        moved = drift.moved(previous.now, now, self._zones) if zones else None
+        if moved is None:
+            return None
+        c, sh, o, t = table(Customer), table(StageChange), table(Occurrence), table(Tick)
+        parts = [select(c.c.id).where(c.c.change_seq > previous.change_seq),
+                 select(sh.c.customer_id).where(sh.c.id > stage_max), *moved]
+        if isinstance(trig.once, EveryScope):
+            # an occurrence fired at its tick's instant: those fired N days before the interval
+            # between the two ticks, through the ticks of those instants
+            every = trig.once.every
+            parts.append(select(o.c.customer_id).where(
+                o.c.trigger_id == trig.id,
+                o.c.tick_id.in_(select(t.c.id).where(t.c.now > previous.now - every,
+                                                     t.c.now <= now - every))))
+        return _Settled(zones, union_all(*parts))
+
     # candidates --------------------------------------------------------------------------------
 
     def _candidates(self, loaded: LoadedTriggerLike, ctx: SqlContext, changed: SqlContext | None,
                     now: datetime, events: tuple[int, int], stages: tuple[int, int], *,
-                    caught_up: bool = False) -> tuple[Select[Any], FromClause] | None:
+                    caught_up: bool = False,
+                    settled: _Settled | None = None) -> tuple[Select[Any], FromClause] | None:
         """customer_id, membership_id, event_id, scope_key of everyone the trigger fires for,
         and the customer rows it reads (the table, or the incremental tick's copy).
 
         Event and stage-entry triggers read what arrived since their watermarks; in an
         incremental tick (`changed`: the copies of the changed customers), date and schedule
         triggers read only the changed customers, and so do event triggers `caught_up` with the
-        previous tick (their new events' customers are all changed ones)."""
+        previous tick (their new events' customers are all changed ones). In a full tick,
+        `settled` restricts a date or schedule trigger to the customers whose evaluation may
+        have changed since the previous one, in the zones that tick evaluated in this slot."""
         trig = loaded.trigger
         when = trig.when
         if changed is not None and (isinstance(when, RelativeWhen | ScheduleWhen)
@@ -480,11 +567,17 @@ class Evaluator:
             ctx = changed
         c, m, days = ctx.customer, ctx.membership, self._days
         joined: FromClause = c.outerjoin(m, m.c.id == c.c.current_membership_id)
-        # The read is driven by one indexed term: the anchor date (date triggers), the range of
-        # a day count, or else the stage and time zone (schedule triggers). The other terms are
-        # written so that SQLite's planner, which has no statistics, does not pick them instead.
-        ranges = self._day_count_ranges(loaded, now, c)
-        stage_drives = isinstance(when, ScheduleWhen) and not ranges
+        # The read is driven by one indexed term: the customers to re-read in a settled slot,
+        # the anchor date (date triggers), the range of a day count, or else the stage and time
+        # zone (schedule triggers). The other terms are written so that SQLite's planner, which
+        # has no statistics, does not pick them instead.
+        fresh: set[str] = set()
+        if settled is not None:
+            assert isinstance(when, RelativeWhen | ScheduleWhen)
+            fresh = {d.tz for d in days if _slot(when, d) is not None} - settled.zones
+        by_ids = settled is not None and not fresh
+        ranges = self._day_count_ranges(loaded, now, c, indexed=not by_ids)
+        stage_drives = isinstance(when, ScheduleWhen) and not ranges and not by_ids
         event_id: ColumnElement[Any] = cast(null(), BigInteger)
         slot: ColumnElement[Any] = literal(now.date().isoformat())
         filters: list[ColumnElement[Any]] = []
@@ -533,14 +626,14 @@ class Evaluator:
             zones_by_anchor: dict[date, list[str]] = {}
             fire_dates: dict[date, date] = {}
             for d in days:
-                fire_date = d.today if d.local_now.time() >= when.at else d.today - timedelta(1)
+                fire_date = _fire_date(when, d)
                 anchor = fire_date - timedelta(days=when.offset_days)
                 zones_by_anchor.setdefault(anchor, []).append(d.tz)
                 fire_dates[anchor] = fire_date
             anchor_col: ColumnElement[Any] = (
                 m.c.ends_on if when.anchor is Anchor.MEMBERSHIP_ENDS else m.c.starts_on)
             joined = c.join(m, m.c.id == c.c.current_membership_id)
-            if c is table(Customer):
+            if c is table(Customer) and not by_ids:
                 # the anchor dates as one list, for the anchor's index (the copies have none,
                 # and PostgreSQL would count this term twice against the one below, expecting
                 # a single row and planning a loop over the changed customers for each)
@@ -557,8 +650,13 @@ class Evaluator:
             slots = {d.tz: s for d in days if (s := _latest_slot(when.schedule, d)) is not None}
             if not slots:
                 return None
-            filters.append(self._in_zones(slots, customers=c, indexed=not ranges))
+            filters.append(self._in_zones(slots, customers=c, indexed=stage_drives))
             slot = self._by_zone(slots, String(32), customers=c)
+        if settled is not None:
+            # fresh zones (the slot began since the previous full tick) are read in full
+            inside = c.c.id.in_(settled.ids)
+            filters.append(or_(self._in_zones(fresh, customers=c, indexed=False), inside)
+                           if fresh else inside)
 
         if trig.stages:
             filters.append((c.c.stage if stage_drives else unindexed(c.c.stage))
@@ -601,8 +699,8 @@ class Evaluator:
             *(c.c[column] for column in sorted(set(self.contact.values()))),
         ).select_from(joined).where(*filters), c
 
-    def _day_count_ranges(self, loaded: LoadedTriggerLike, now: datetime,
-                          c: FromClause) -> list[ColumnElement[bool]]:
+    def _day_count_ranges(self, loaded: LoadedTriggerLike, now: datetime, c: FromClause, *,
+                          indexed: bool = True) -> list[ColumnElement[bool]]:
         """For each condition `<whole days since a customer timestamp> == k`, a range of that
         timestamp holding every customer for whom it can be true. The condition stays as it
         is; the range lets the database read the timestamp's index instead of computing the
@@ -614,7 +712,7 @@ class Evaluator:
             if found is None:
                 continue
             name, k = found
-            column: ColumnElement[Any] = c.c[name]
+            column: ColumnElement[Any] = c.c[name] if indexed else unindexed(c.c[name])
             # k whole days (truncated, to the second) since t: now - (k+1) days < t <= now - k
             # days, within a second; 0 days also covers up to a day ahead (truncation to 0).
             high = now - timedelta(days=k) if k else now + timedelta(days=1)
@@ -895,6 +993,20 @@ def _zones(conn: Connection) -> list[str]:
         found.append(tz)
         tz = conn.execute(select(func.min(c.c.timezone)).where(c.c.timezone > tz)).scalar()
     return found
+
+
+def _fire_date(when: RelativeWhen, day: LocalDay) -> date:
+    """The local date of a date-relative trigger's latest firing time: today once `at` has
+    passed, else yesterday."""
+    return day.today if day.local_now.time() >= when.at else day.today - timedelta(1)
+
+
+def _slot(when: RelativeWhen | ScheduleWhen, day: LocalDay) -> str | None:
+    """The slot a date or schedule trigger is due in, in the day's zone: its firing date, or
+    its schedule's latest firing within the last day (None: none)."""
+    if isinstance(when, RelativeWhen):
+        return _fire_date(when, day).isoformat()
+    return _latest_slot(when.schedule, day)
 
 
 def _latest_slot(expr: str, day: LocalDay) -> str | None:
