@@ -246,10 +246,12 @@ class Evaluator:
         self._assignments: dict[tuple[Any, ...], _Assigned] = {}  # see _assignment
         self._aliases: dict[str, FromClause] = {}  # memberships (or its copy) -> alias "m"
         self._copies: dict[str, tuple[Any, Any]] = {}  # dialect -> the two copy INSERTs
-        # what a full tick records of each trigger it evaluated, to know it again (`_settled`)
+        # what a full tick records of each trigger it evaluated, to know it again (`_settled`):
+        # its definition, and the club's (the types of the attributes its conditions read)
+        club = config.club.model_dump_json()
         self._fingerprints = {
-            t.trigger.id: hashlib.sha256(t.trigger.model_dump_json().encode()).hexdigest()[:16]
-            for t in self.triggers}
+            t.trigger.id: hashlib.sha256((t.trigger.model_dump_json() + club).encode())
+            .hexdigest()[:16] for t in self.triggers}
         # the time-dependent names of the date and schedule triggers' conditions; without them
         # (`settle` off: only to measure or test without it) every full tick reads every due
         # customer
@@ -537,10 +539,11 @@ class Evaluator:
                  select(sh.c.customer_id).where(sh.c.id > stage_max), *moved]
         if isinstance(trig.once, EveryScope):
             # an occurrence fired at its tick's instant: those fired N days before the interval
-            # between the two ticks, through the ticks of those instants
+            # between the two ticks, through the ticks of those instants (not through the
+            # trigger's key: every occurrence it ever fired)
             every = trig.once.every
             parts.append(select(o.c.customer_id).where(
-                o.c.trigger_id == trig.id,
+                unindexed(o.c.trigger_id) == trig.id,
                 o.c.tick_id.in_(select(t.c.id).where(t.c.now > previous.now - every,
                                                      t.c.now <= now - every))))
         return _Settled(zones, union_all(*parts))
@@ -638,8 +641,11 @@ class Evaluator:
                 # and PostgreSQL would count this term twice against the one below, expecting
                 # a single row and planning a loop over the changed customers for each)
                 filters.append(anchor_col.in_(sorted(zones_by_anchor)))
+            # read by the ids to re-read in a settled slot: through the anchor's index, SQLite
+            # would probe the customers of each anchor for every id of the list
+            anchor_term = unindexed(anchor_col) if by_ids else anchor_col
             filters.append(or_(*(
-                and_(anchor_col == anchor, self._in_zones(zones, customers=c, indexed=False))
+                and_(anchor_term == anchor, self._in_zones(zones, customers=c, indexed=False))
                 for anchor, zones in zones_by_anchor.items())))
             if len(fire_dates) == 1:
                 slot = literal(next(iter(fire_dates.values())).isoformat())
