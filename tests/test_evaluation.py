@@ -285,3 +285,45 @@ def test_sqlite_reads_each_trigger_through_its_own_index(
     # fired for in this scope (every full tick reads its day of due customers again)
     keyed = "(trigger_id=? AND customer_id=? AND scope_key=?)"
     assert any(keyed in step for step in reads) == ("event" not in when), plan
+
+
+@pytest.mark.parametrize(("when", "conditions", "stage"), [
+    ({"before": "membership.ends_at", "days": 21, "at": "09:00"},
+     ["days_since_last_visit > 14"], "renewal_due"),
+    ({"schedule": "0 9 * * *"}, ["days_since_last_visit == 10"], "active"),
+    ({"schedule": "0 9 * * *"}, [], "active"),
+])
+def test_sqlite_reads_a_settled_slot_through_the_ids_to_read_again(
+        tmp_path: Path, clock: FixedClock, project_config: ProjectConfig, when: dict[str, Any],
+        conditions: list[str], stage: str | None) -> None:
+    """A full tick a minute after the previous one reads a date or schedule trigger's slot
+    through the list of customers to read again, not through the anchor, day-count or stage
+    index: through the anchor's index, SQLite probed each anchor's customers for every id of
+    the list (3.6 s for one trigger at a million customers after 10,000 changes)."""
+    db = make_engine(f"sqlite:///{tmp_path / 'plan.db'}")
+    migrate(db)
+    seed(db, clock)
+    trig = make_trigger(id="t", when=when, conditions=conditions,
+                        **({"stage": stage} if stage else {}))
+    evaluator = Evaluator(db, project_config, [trig], clock)
+    evaluator.tick()
+    clock.advance(timedelta(minutes=1))
+    seen: list[tuple[str, Any]] = []
+
+    def keep(conn: Any, cursor: Any, statement: str, params: Any, *args: Any) -> None:
+        if statement.startswith("INSERT INTO occurrences"):
+            seen.append((statement, params))
+
+    event.listen(db, "before_cursor_execute", keep)
+    evaluator.tick()
+    event.remove(db, "before_cursor_execute", keep)
+    assert len(seen) == 1
+    with db.connect() as conn:
+        plan = [(row[1], row[3]) for row in conn.exec_driver_sql(
+            "EXPLAIN QUERY PLAN " + seen[0][0], seen[0][1])]
+    db.dispose()
+    # the outer query's reads (the list's own reads use the indexes, as they should)
+    reads = [step for parent, step in plan if parent == 0 and step.startswith(("SEARCH", "SCAN"))]
+    assert reads[0] == "SEARCH customers USING INTEGER PRIMARY KEY (rowid=?)", plan
+    assert not any(index in step for step in reads for index in (
+        "ix_memberships_ends_on", "ix_customers_last_visit_at", "ix_customers_stage")), plan
