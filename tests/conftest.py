@@ -6,13 +6,13 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from ruamel.yaml import YAML
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, delete, text
 
 from engine.clock import FixedClock
 from engine.conditions import Condition, compile_condition
@@ -25,7 +25,18 @@ from engine.config import (
     ProjectConfig,
 )
 from engine.db import make_engine, migrate
-from engine.models import Base
+from engine.ingest import EventIn, Ingestor, MembershipIn
+from engine.models import (
+    Base,
+    Counter,
+    Customer,
+    Event,
+    Membership,
+    Occurrence,
+    StageChange,
+    Tick,
+    TriggerState,
+)
 from engine.rulefile import Trigger
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,4 +111,27 @@ def make_trigger(**fields: Any) -> Loaded:
     return Loaded(trig, [compile_condition(c) for c in trig.conditions])
 
 
-__all__ = ["Base", "Loaded", "make_trigger"]
+def empty_club(*dbs: Engine) -> None:
+    """Delete the customers and everything ticks wrote about them: a fresh start for each
+    Hypothesis example on the same database."""
+    for db in dbs:
+        with db.begin() as conn:
+            for model in (Occurrence, StageChange, Tick, TriggerState, Event, Membership,
+                          Customer, Counter):
+                conn.execute(delete(model))
+
+
+def ingest_step(ing: Ingestor, now: datetime, what: str, who: str, *,
+                renewal: timedelta) -> None:
+    """What a Hypothesis step ingests before its tick: nothing ("none"), a visit of `who` at
+    `now` ("visit"), or a new membership of theirs from today, `renewal` long ("renew")."""
+    if what == "visit":
+        ing.events([EventIn(customer_external_id=who, kind="visit", occurred_at=now)])
+    elif what == "renew":
+        today = now.date()
+        ing.memberships([MembershipIn(external_id=f"renewal-{who}-{today}",
+                                      customer_external_id=who, starts_on=today,
+                                      ends_on=today + renewal)])
+
+
+__all__ = ["Base", "Loaded", "empty_club", "ingest_step", "make_trigger"]

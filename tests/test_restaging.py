@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, delete, select
+from sqlalchemy import Engine, select
 
 from engine.clock import FixedClock
 from engine.config import LifecycleFile, ProjectConfig
@@ -19,16 +19,8 @@ from engine.evaluation import Evaluator, TickKind
 from engine.explain import load_facts
 from engine.ingest import CustomerIn, EventIn, Ingestor, MembershipIn
 from engine.lifecycle import Lifecycle
-from engine.models import (
-    Counter,
-    Customer,
-    Event,
-    Membership,
-    Occurrence,
-    StageChange,
-    Tick,
-    TriggerState,
-)
+from engine.models import Customer
+from tests.conftest import empty_club, ingest_step
 
 START = datetime(2026, 3, 28, 20, 0)  # Europe's summer time begins that night
 ZONES = [None, "America/Los_Angeles", "Asia/Tokyo", "Europe/Berlin", "Pacific/Kiritimati"]
@@ -67,13 +59,6 @@ step = st.tuples(st.integers(-30 * 60, 80 * 60) | st.integers(-90, 90),
                  st.sampled_from(["none", "visit", "renew"]), st.integers(0, 5), st.booleans())
 
 
-def _reset(db: Engine) -> None:
-    with db.begin() as conn:
-        for table in (Occurrence, StageChange, Tick, TriggerState, Event, Membership, Customer,
-                      Counter):
-            conn.execute(delete(table))
-
-
 @settings(max_examples=60, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(members=st.lists(member(), min_size=1, max_size=6),
@@ -81,7 +66,7 @@ def _reset(db: Engine) -> None:
 def test_restricted_full_ticks_keep_every_stage_exact(
         db: Engine, project_config: ProjectConfig, members: list[dict[str, Any]],
         steps: list[tuple[int, str, int, bool]]) -> None:
-    _reset(db)
+    empty_club(db)
     clock = FixedClock(START)
     ing = Ingestor(db, clock)
     ing.customers([CustomerIn(external_id=f"c{i}", timezone=m["timezone"])
@@ -97,14 +82,7 @@ def test_restricted_full_ticks_keep_every_stage_exact(
     for minutes, ingest, who, incremental in steps:
         clock.advance(timedelta(minutes=minutes))
         target = f"c{who % len(members)}"
-        if ingest == "visit":
-            ing.events([EventIn(customer_external_id=target, kind="visit",
-                                occurred_at=clock.now())])
-        elif ingest == "renew":
-            today = clock.now().date()
-            ing.memberships([MembershipIn(
-                external_id=f"renewal-{target}-{today}", customer_external_id=target,
-                starts_on=today, ends_on=today + timedelta(days=180))])
+        ingest_step(ing, clock.now(), ingest, target, renewal=timedelta(days=180))
         evaluator.tick(kind=TickKind.INCREMENTAL if incremental else TickKind.FULL)
         if not incremental:
             _assert_exact(db, project_config, clock.now())

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, delete, select, update
+from sqlalchemy import Engine, select, update
 
 from engine.clock import FixedClock
 from engine.config import ProjectConfig
@@ -21,16 +21,11 @@ from engine.drift import Drift
 from engine.evaluation import Evaluator, TickKind
 from engine.ingest import CustomerIn, EventIn, Ingestor, MembershipIn
 from engine.models import (
-    Counter,
     Customer,
-    Event,
     Membership,
     Occurrence,
-    StageChange,
-    Tick,
-    TriggerState,
 )
-from tests.conftest import Loaded, make_trigger
+from tests.conftest import Loaded, empty_club, ingest_step, make_trigger
 
 # Ten minutes before midnight in Berlin (the club's zone), the night Europe's summer time begins:
 # the first steps cross the local dates, the stages they move and the hourly slots.
@@ -96,14 +91,6 @@ step = st.tuples(st.integers(1, 25) | st.integers(1, 25) | st.integers(-30, 90)
                  st.booleans())
 
 
-def _reset(*dbs: Engine) -> None:
-    for db in dbs:
-        with db.begin() as conn:
-            for table in (Occurrence, StageChange, Tick, TriggerState, Event, Membership,
-                          Customer, Counter):
-                conn.execute(delete(table))
-
-
 def _fired(db: Engine) -> set[tuple[str, str, str]]:
     """(customer, trigger, scope) of every occurrence, a cycle named by its membership's
     external id (the two databases number their rows differently)."""
@@ -132,7 +119,7 @@ def plain(tmp_path: Path) -> Engine:
 def test_settled_full_ticks_fire_what_reading_everyone_fires(
         db: Engine, plain: Engine, project_config: ProjectConfig,
         members: list[dict[str, Any]], steps: list[tuple[int, str, int, bool]]) -> None:
-    _reset(db, plain)
+    empty_club(db, plain)
     clock = FixedClock(START)
     evaluators = [Evaluator(db, project_config, _triggers(), clock),
                   Evaluator(plain, project_config, _triggers(), clock, settle=False)]
@@ -153,14 +140,7 @@ def test_settled_full_ticks_fire_what_reading_everyone_fires(
         clock.advance(timedelta(minutes=minutes))
         target = f"c{who % len(members)}"
         for ing in ingestors:
-            if ingest == "visit":
-                ing.events([EventIn(customer_external_id=target, kind="visit",
-                                    occurred_at=clock.now())])
-            elif ingest == "renew":
-                today = clock.now().date()
-                ing.memberships([MembershipIn(
-                    external_id=f"renewal-{target}-{today}", customer_external_id=target,
-                    starts_on=today, ends_on=today + timedelta(days=2))])
+            ingest_step(ing, clock.now(), ingest, target, renewal=timedelta(days=2))
         kind = TickKind.INCREMENTAL if incremental else TickKind.FULL
         for evaluator in evaluators:
             evaluator.tick(kind=kind)
