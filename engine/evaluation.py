@@ -1015,10 +1015,11 @@ def _slot(when: RelativeWhen | ScheduleWhen, day: LocalDay) -> str | None:
     return _latest_slot(when.schedule, day)
 
 
+@functools.lru_cache(maxsize=1024)
 def _latest_slot(expr: str, day: LocalDay) -> str | None:
-    """The most recent local firing of a cron expression within the last day, as an ISO string."""
-    cron = CronTrigger.from_crontab(expr, timezone=ZoneInfo(day.tz))
-    tz = ZoneInfo(day.tz)
+    """The most recent local firing of a cron expression within the last day, as an ISO string.
+    Kept for the instants of a tick: its candidates and settled slots ask again."""
+    cron, tz = _cron(expr, day.tz), ZoneInfo(day.tz)
     now = day.local_now.replace(tzinfo=tz)
     fire = cron.get_next_fire_time(None, now - timedelta(days=1))
     latest = None
@@ -1026,3 +1027,9 @@ def _latest_slot(expr: str, day: LocalDay) -> str | None:
         latest = fire
         fire = cron.get_next_fire_time(fire, fire + timedelta(seconds=1))
     return latest.replace(tzinfo=None).isoformat(timespec="minutes") if latest else None
+
+
+@functools.lru_cache(maxsize=256)
+def _cron(expr: str, tz: str) -> CronTrigger:
+    """A schedule in a zone, parsed once."""
+    return CronTrigger.from_crontab(expr, timezone=ZoneInfo(tz))
