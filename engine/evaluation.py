@@ -254,18 +254,19 @@ class Evaluator:
         self._assignments: dict[tuple[Any, ...], _Assigned] = {}  # see _assignment
         self._aliases: dict[str, FromClause] = {}  # memberships (or its copy) -> alias "m"
         self._copies: dict[str, tuple[Any, Any]] = {}  # dialect -> the two copy INSERTs
-        # what a full tick records of each trigger it evaluated, to know it again (`_settled`):
-        # its definition, and the club's (the types of the attributes its conditions read)
-        club = config.club.model_dump_json()
-        self._fingerprints = {
-            t.trigger.id: hashlib.sha256((t.trigger.model_dump_json() + club).encode())
-            .hexdigest()[:16] for t in self.triggers}
         # the time-dependent names of the date and schedule triggers' conditions; without them
         # (`settle` off: only to measure or test without it) every full tick reads every due
         # customer
         self._drifts = {t.trigger.id: Drift.of(c.text for c in t.conditions)
                         for t in self.triggers
                         if settle and isinstance(t.trigger.when, RelativeWhen | ScheduleWhen)}
+        # what a full tick records of each of those triggers, to know it again (`_settled`):
+        # its definition, and the club's (the types of the attributes its conditions read)
+        club = config.club.model_dump_json()
+        self._fingerprints = {
+            t.trigger.id: hashlib.sha256((t.trigger.model_dump_json() + club).encode())
+            .hexdigest()[:16] for t in self.triggers if t.trigger.id in self._drifts}
+        self._then: dict[str, LocalDay] = {}  # the previous full tick's local days, per zone
 
     # the tick ----------------------------------------------------------------------------------
 
@@ -443,6 +444,8 @@ class Evaluator:
                 conn, base, changed, tick_id, now, copy=CHANGED_CUSTOMERS)
         else:
             previous_full = self._previous_full(conn)
+            self._then = ({d.tz: d for d in local_dates(self._zones, previous_full.now)}
+                          if previous_full is not None else {})
             restaged = self._restaged(previous_full, now, previous_seq)
             if restaged is not None:
                 base = base.where(ctx.customer.c.id.in_(restaged))
@@ -535,10 +538,9 @@ class Evaluator:
                 or (summary.get("triggers") or {}).get(trig.id) != self._fingerprints[trig.id]):
             return None
         assert isinstance(when, RelativeWhen | ScheduleWhen)
-        then = {d.tz: d for d in local_dates(self._zones, previous.now)}
         zones = frozenset(d.tz for d in self._days
                           if (slot := _slot(when, d)) is not None
-                          and slot == _slot(when, then[d.tz]))
+                          and slot == _slot(when, self._then[d.tz]))
         moved = drift.moved(previous.now, now, self._zones) if zones else None
         if moved is None:
             return None

@@ -5,6 +5,7 @@ fires, on every backend."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -105,11 +106,12 @@ def _fired(db: Engine) -> set[tuple[str, str, str]]:
 
 
 @pytest.fixture
-def plain(tmp_path: Path) -> Engine:
+def plain(tmp_path: Path) -> Iterator[Engine]:
     """A second database, ticked by an evaluator that reads every due customer."""
     engine = make_engine(f"sqlite:///{tmp_path / 'plain.db'}")
     migrate(engine)
-    return engine
+    yield engine
+    engine.dispose()
 
 
 @settings(max_examples=50, deadline=None,
