@@ -36,7 +36,8 @@ LIFECYCLE = [
     ("lapsed", []),
 ]
 
-# Each condition of bench/triggers.py, by hand; {v30} is the 30-day visit count, {dslv} the
+# Each condition of bench/triggers.py, by hand; {v30_N} is "at least N visits in the last 30
+# days" (the N-th latest visit kept on the customer row falls inside the window), {dslv} the
 # whole days since the last visit.
 CONDITIONS = {
     'plan != "corporate"': "m.plan <> 'corporate'",
@@ -44,10 +45,10 @@ CONDITIONS = {
     "visits_total == 0": "c.visit_count = 0",
     "visits_total == 1": "c.visit_count = 1",
     "visits_total == 10": "c.visit_count = 10",
-    "visits_30d < 4": "{v30} < 4",
-    "visits_30d >= 4": "{v30} >= 4",
-    "visits_30d >= 6": "{v30} >= 6",
-    "visits_30d >= 12": "{v30} >= 12",
+    "visits_30d < 4": "NOT {v30_4}",
+    "visits_30d >= 4": "{v30_4}",
+    "visits_30d >= 6": "{v30_6}",
+    "visits_30d >= 12": "{v30_12}",
     'segment in ["A", "B"]': "c.segment IN ('A', 'B')",
     'segment in ["A", "B", "C"]': "c.segment IN ('A', 'B', 'C')",
     'segment != "D"': "c.segment <> 'D'",
@@ -125,10 +126,13 @@ class Floor:
 
     # pieces -------------------------------------------------------------------------------------
 
-    def v30(self) -> str:
-        return (f"(SELECT count(*) FROM events e WHERE e.customer_id = c.id AND e.kind = 'visit'"
-                f" AND e.occurred_at > {self.d.ts(self.now - timedelta(days=30))}"
-                f" AND e.occurred_at <= {self.d.ts(self.now)})")
+    def v30(self, k: int) -> str:
+        """At least k visits in the 30 days: the generated customers keep their latest visits
+        (`recent_visits`) and have none after the benchmark's instants."""
+        since = self.d.ts(self.now - timedelta(days=30))
+        if self.d.name == "sqlite":
+            return f"coalesce(json_extract(c.recent_visits, '$[{k - 1}]') > {since}, 0)"
+        return f"coalesce(CAST((c.recent_visits ->> {k - 1}) AS TIMESTAMP) > {since}, false)"
 
     def dslv(self) -> str:
         return self.d.days_since("c.last_visit_at", self.now)
@@ -140,7 +144,8 @@ class Floor:
                 f" AND {self.d.ts(high + timedelta(seconds=1))}")
 
     def condition(self, text: str) -> str:
-        return CONDITIONS[text].format(v30=self.v30(), dslv=self.dslv())
+        return CONDITIONS[text].format(v30_4=self.v30(4), v30_6=self.v30(6),
+                                       v30_12=self.v30(12), dslv=self.dslv())
 
     def stage_case(self) -> str:
         start = self.d.days("m.starts_on", self.today)

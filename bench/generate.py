@@ -3,8 +3,8 @@
 N customers, each with a chain of memberships (monthly, annual and corporate plans; renewals,
 lapses and comebacks; join dates spread over three years so every lifecycle stage occurs), and a
 year of visits while a membership runs: a per-member habit of about 0-3 visits a week, fading for
-some. The denormalised customer columns (last_visit_at, visit_count, lifetime_value,
-current_membership_id, change_seq) are filled consistently with the generated rows, as ingestion
+some. The denormalised customer columns (last_visit_at, visit_count, recent_visits,
+lifetime_value, current_membership_id, change_seq) are filled consistently with the generated rows, as ingestion
 would have left them. The stage columns are left empty: the first tick assigns them.
 
 Rows go in with `executemany` (SQLite) or `COPY` (PostgreSQL), in chunks, never through the ORM.
@@ -22,9 +22,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from engine.models import RECENT_VISITS
+
 __all__ = ["GENERATOR_VERSION", "NOW", "Batch", "batches", "load_postgres", "load_sqlite"]
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 # The instant of the first tick: a Monday evening in Berlin, morning on the US west coast,
 # already Tuesday in Tokyo; the steady-state tick runs 24 hours later.
 NOW = datetime(2026, 3, 2, 17, 30)
@@ -69,8 +71,8 @@ class Batch:
 COLUMNS = {
     "customers": ("id", "external_id", "first_name", "last_name", "email", "phone", "chat_id",
                   "timezone", "locale", "segment", "attributes", "created_at", "updated_at",
-                  "last_visit_at", "visit_count", "lifetime_value", "current_membership_id",
-                  "change_seq"),
+                  "last_visit_at", "visit_count", "recent_visits", "lifetime_value",
+                  "current_membership_id", "change_seq"),
     "memberships": ("id", "external_id", "customer_id", "plan", "price", "starts_on", "ends_on",
                     "status", "created_at", "updated_at"),
     "events": ("id", "customer_id", "kind", "occurred_at", "received_at", "properties"),
@@ -145,8 +147,7 @@ def batches(n: int, seed: int = 20260302) -> Iterator[Batch]:
             per_week = 0.2 if habit < 0.25 else 1.0 + rand() if habit < 0.7 else 2.0 + rand()
             fade_half_life = 30 + rand() * 120 if rand() < 0.35 else 0.0
             favourite_hour = 6 + int(rand() * 15)
-            last_visit = None
-            visits = 0
+            stamps: list[str] = []
             for _, _, start, end in memberships:
                 lo = max(start, YEAR_AGO)
                 hi = min(end, TODAY)
@@ -171,11 +172,11 @@ def batches(n: int, seed: int = 20260302) -> Iterator[Batch]:
                         clock = clock_cache[seconds] = _clock_text(seconds)
                     stamp = f"{_DAY_TEXT[d]} {clock}"
                     event_id += 1
-                    visits += 1
-                    if last_visit is None or stamp > last_visit:
-                        last_visit = stamp
+                    stamps.append(stamp)
                     batch.events.append((event_id, cid, "visit", stamp, stamp, "{}"))
 
+            # the latest visits, newest first, as ingestion keeps them
+            latest = sorted(stamps, reverse=True)[:RECENT_VISITS]
             goal = rand()
             attributes = json.dumps({"goal": GOALS[int(goal * 8)]} if goal < 0.5 else {})
             batch.customers.append((
@@ -186,7 +187,8 @@ def batches(n: int, seed: int = 20260302) -> Iterator[Batch]:
                 str(100_000_000 + cid) if rand() < 0.3 else None,
                 zone, "de" if zone is None or zone == "Europe/Berlin" else "en",
                 choices(_SEG_VALUES, cum_weights=_SEG_CUM)[0], attributes,
-                _ts(created), _ts(created), last_visit, visits, lifetime, current, 1))
+                _ts(created), _ts(created), latest[0] if latest else None, len(stamps),
+                json.dumps(latest), lifetime, current, 1))
         yield batch
 
 

@@ -27,6 +27,7 @@ from engine.metrics import (
     UnknownName,
     attribute_metric,
     resolve,
+    window_comparison,
 )
 
 __all__ = ["Condition", "ConditionError", "compile_condition"]
@@ -174,8 +175,12 @@ class _Compiler:
             raise self.error(right, f"{metric.name} is {metric.type}; '{op}' needs a number")
         value = lit.value
         sql_op, py_op = _OPERATORS[op]
-        return (lambda ctx: func.coalesce(sql_op(metric.sql(ctx), value), false()),
-                lambda f: (v := metric.py(f)) is not None and py_op(v, value))
+        py: PyPredicate = lambda f: (v := metric.py(f)) is not None and py_op(v, value)  # noqa: E731
+        # a windowed visit count against a number reads the customer's latest visits
+        windowed = window_comparison(metric, op, value)
+        if windowed is not None:
+            return windowed, py
+        return (lambda ctx: func.coalesce(sql_op(metric.sql(ctx), value), false()), py)
 
     # names and literals ------------------------------------------------------------------------
 

@@ -16,14 +16,25 @@ from datetime import date, datetime
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import Connection, Engine, Float, cast, func, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    Float,
+    cast,
+    func,
+    literal_column,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from engine.clock import Clock, utc_naive
 from engine.config import valid_timezone
 from engine.db import bump_counter
-from engine.models import ConsentEntry, Customer, Event, Membership, table
+from engine.models import RECENT_VISITS, ConsentEntry, Customer, Event, Membership, table
 
 __all__ = ["ConsentIn", "CustomerIn", "EventIn", "IngestResult", "Ingestor", "MembershipIn",
            "RowError"]
@@ -155,7 +166,7 @@ class Ingestor:
         with self.engine.begin() as conn:
             seq = bump_counter(conn, "change")
             payload = [{**r.model_dump(), "created_at": now, "updated_at": now, "change_seq": seq,
-                        "visit_count": 0, "lifetime_value": 0.0} for r in rows]
+                        "visit_count": 0, "lifetime_value": 0.0, "recent_visits": []} for r in rows]
             cols = [c for c in CustomerIn.model_fields if c != "external_id"]
             for chunk in _chunks(payload):
                 _upsert(conn, table(Customer), "external_id", chunk,
@@ -251,8 +262,25 @@ class Ingestor:
         for chunk in _chunks(ids):
             conn.execute(update(c).where(c.c.id.in_(chunk)).values(
                 current_membership_id=current, last_visit_at=last_visit, visit_count=visits,
+                recent_visits=recent_visits(conn.dialect.name, c.c.id),
                 lifetime_value=cast(paid, Float) + cast(bought, Float),
                 change_seq=seq, updated_at=now))
+
+
+def recent_visits(dialect: str, customer_id: ColumnElement[Any]) -> ColumnElement[Any]:
+    """The customer's latest RECENT_VISITS visit instants, newest first, as a JSON array (empty
+    for none): the value of `Customer.recent_visits`."""
+    e = table(Event)
+    latest = (select(e.c.occurred_at).where(e.c.customer_id == customer_id, e.c.kind == VISIT)
+              .order_by(e.c.occurred_at.desc()).limit(RECENT_VISITS)
+              # the enclosing UPDATE's customer, two levels out
+              .correlate_except(e).subquery("latest"))
+    if dialect == "postgresql":
+        ordered = aggregate_order_by(latest.c.occurred_at, latest.c.occurred_at.desc())
+        return select(func.coalesce(func.json_agg(ordered), literal_column("'[]'::json"))) \
+            .scalar_subquery()
+    # SQLite aggregates the rows in the order the subquery returns them
+    return select(func.json_group_array(latest.c.occurred_at)).scalar_subquery()
 
 
 R = TypeVar("R", MembershipIn, EventIn, ConsentIn)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     ColumnElement,
+    DateTime,
     Float,
     Integer,
     String,
@@ -28,6 +30,9 @@ from sqlalchemy import (
     false,
     func,
     literal,
+    literal_column,
+    not_,
+    or_,
     select,
     true,
 )
@@ -36,7 +41,7 @@ from sqlalchemy.sql.expression import FromClause
 from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.types import TypeEngine
 
-from engine.models import Event
+from engine.models import RECENT_VISITS, Event
 
 __all__ = [
     "Clocked",
@@ -261,18 +266,103 @@ _STATIC: dict[str, Metric] = {
 # `visits_30d`, `bookings_7d`, `purchases_365d`: events of a kind in the last N days.
 _WINDOWED = re.compile(r"^(visits|bookings|purchases)_(\d{1,4})d$")
 _EVENT_KINDS = {"visits": "visit", "bookings": "booking", "purchases": "purchase"}
+VISIT_KIND = "visit"  # the kind whose latest instants customers keep (`recent_visits`)
+
+
+def _window_count(ctx: SqlContext, kind: str, days: int) -> ColumnElement[Any]:
+    """The customer's events of `kind` in the `days` before the tick's instant: a count through
+    the events index."""
+    since = ctx.now - timedelta(days=days)
+    return (
+        select(func.count())
+        .where(Event.customer_id == ctx.customer.c.id, Event.kind == kind,
+               Event.occurred_at > since, Event.occurred_at <= ctx.now)
+        .correlate(ctx.customer)
+        .scalar_subquery()
+    )
+
+
+class nth_recent_visit(FunctionElement[datetime]):  # noqa: N801 - reads as a SQL function
+    """The instant of the customer's (index + 1)-th latest visit in `recent_visits`, or NULL
+    if they have fewer visits."""
+
+    type = DateTime()
+    inherit_cache = True
+
+    def __init__(self, column: ColumnElement[Any], index: int) -> None:
+        # the index as a literal column: part of the statement's cache key
+        super().__init__(column, literal_column(str(int(index))))
+
+
+@compiles(nth_recent_visit, "sqlite")
+def _nth_sqlite(element: nth_recent_visit, compiler: Any, **kw: Any) -> str:
+    column, index = element.clauses
+    # the stored text is the events' own (the format of every DateTime value on SQLite)
+    return f"json_extract({compiler.process(column, **kw)}, '$[{index.name}]')"
+
+
+@compiles(nth_recent_visit)
+def _nth_default(element: nth_recent_visit, compiler: Any, **kw: Any) -> str:
+    column, index = element.clauses
+    return (f"CAST(({compiler.process(column, **kw)} ->> {index.name}) "
+            "AS TIMESTAMP WITHOUT TIME ZONE)")
+
+
+def visits_at_least(ctx: SqlContext, days: int, k: int) -> ColumnElement[bool]:
+    """`visits_<days>d >= k`, never NULL.
+
+    The customer had at least k visits in the window exactly when their k-th latest visit lies
+    inside it, provided none lies after the tick's instant (`last_visit_at`, kept with the
+    list, is the latest of all): then the k-th instant of `recent_visits` answers from the
+    customer row. Customers without the list (NULL: not computed), with visits after the
+    instant (a tick in the past: backtests, a clock behind the data), or a k beyond the list
+    are counted through the events."""
+    if k <= 0:
+        return true()
+    count = _window_count(ctx, VISIT_KIND, days)
+    if k > RECENT_VISITS:
+        return count >= k
+    c = ctx.customer.c
+    kept = and_(c.recent_visits.is_not(None),
+                or_(c.last_visit_at.is_(None), c.last_visit_at <= ctx.now))
+    since = ctx.now - timedelta(days=days)
+    return case((kept, func.coalesce(nth_recent_visit(c.recent_visits, k - 1) > since, false())),
+                else_=count >= k)
+
+
+def window_comparison(metric: Metric, op: str, value: Any,
+                      ) -> Callable[[SqlContext], ColumnElement[bool]] | None:
+    """`metric <op> value` for a windowed visit count and a number, as `visits_at_least`
+    terms (None for anything else: compiled as it reads)."""
+    if metric.window is None or metric.window[0] != VISIT_KIND \
+            or isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    days = metric.window[1]
+    # counts are whole: `>= 5.5` is `>= 6`, `> 5.5` and `> 5` are `>= 6`
+    at_least = math.ceil(value)
+    above = math.floor(value) + 1
+    if op == ">=":
+        return lambda ctx: visits_at_least(ctx, days, at_least)
+    if op == ">":
+        return lambda ctx: visits_at_least(ctx, days, above)
+    if op == "<":
+        return lambda ctx: not_(visits_at_least(ctx, days, at_least))
+    if op == "<=":
+        return lambda ctx: not_(visits_at_least(ctx, days, above))
+    if op in ("==", "!="):
+        if value != int(value):
+            return lambda ctx: true() if op == "!=" else false()
+        k = int(value)
+
+        def exactly(ctx: SqlContext) -> ColumnElement[bool]:
+            return and_(visits_at_least(ctx, days, k), not_(visits_at_least(ctx, days, k + 1)))
+        return exactly if op == "==" else (lambda ctx: not_(exactly(ctx)))
+    return None
 
 
 def _windowed(name: str, kind: str, days: int) -> Metric:
     def sql(ctx: SqlContext) -> ColumnElement[Any]:
-        since = ctx.now - timedelta(days=days)
-        return (
-            select(func.count())
-            .where(Event.customer_id == ctx.customer.c.id, Event.kind == kind,
-                   Event.occurred_at > since, Event.occurred_at <= ctx.now)
-            .correlate(ctx.customer)
-            .scalar_subquery()
-        )
+        return _window_count(ctx, kind, days)
 
     def py(f: Facts) -> int:
         since = f.now - timedelta(days=days)

@@ -31,6 +31,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
+    "RECENT_VISITS",
     "Base",
     "table",
     "ConsentEntry",
@@ -116,6 +117,9 @@ class Customer(Base):
     visit_count: Mapped[int] = mapped_column(default=0)
     lifetime_value: Mapped[float] = mapped_column(Float, default=0.0)
     current_membership_id: Mapped[int | None] = mapped_column(BigId)
+    # The instants of the customer's latest RECENT_VISITS visits, newest first (JSON); NULL where
+    # ingestion has not computed them (then the windowed visit counts read the events).
+    recent_visits: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))
     # Lifecycle position, maintained by the tick.
     stage: Mapped[str | None] = mapped_column(String(32))
     stage_membership_id: Mapped[int | None] = mapped_column(BigId)
@@ -130,6 +134,11 @@ class Customer(Base):
     __table_args__ = (Index(None, "stage"), Index(None, "stage", "timezone"),
                       Index(None, "timezone"), Index(None, "current_membership_id"),
                       Index(None, "last_visit_at"))
+
+
+# How many of a customer's latest visits `Customer.recent_visits` keeps: a condition comparing a
+# windowed visit count with at most this many reads it instead of counting the customer's events.
+RECENT_VISITS = 16
 
 
 class Membership(Base):

@@ -8,13 +8,14 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, delete, insert
+from sqlalchemy import Engine, delete, insert, update
 
 from engine.clock import FixedClock
 from engine.conditions import compile_condition
 from engine.config import ProjectConfig
 from engine.evaluation import CHANGED_CUSTOMERS, CHANGED_MEMBERSHIPS, Evaluator
 from engine.explain import load_facts
+from engine.ingest import recent_visits
 from engine.models import Customer, Event, Membership
 
 NOW = datetime(2026, 3, 29, 0, 30)  # the night Europe switches to summer time
@@ -35,8 +36,12 @@ OPS = ["==", "!=", "<", "<=", ">", ">="]
 def comparison(draw: st.DrawFn) -> str:
     kind = draw(st.sampled_from(["number", "text", "in", "bool", "none"]))
     if kind == "number":
-        return (f"{draw(st.sampled_from(NUMBERS))} {draw(st.sampled_from(OPS))} "
-                f"{draw(st.integers(-5, 400))}")
+        name = draw(st.sampled_from(NUMBERS))
+        # windowed visit counts around the customer's latest visits they keep (RECENT_VISITS)
+        windowed = name.startswith("visits_") and name != "visits_total"
+        value = draw(st.integers(-1, 20) | st.sampled_from([2.5, 15.5]) if windowed
+                     else st.integers(-5, 400))
+        return f"{name} {draw(st.sampled_from(OPS))} {value}"
     if kind == "text":
         name = draw(st.sampled_from(sorted(TEXTS)))
         op = draw(st.sampled_from(["==", "!="]))
@@ -64,7 +69,9 @@ def condition(draw: st.DrawFn) -> str:
 def customer(draw: st.DrawFn) -> dict[str, Any]:
     has_membership = draw(st.booleans())
     start = NOW.date() + timedelta(days=draw(st.integers(-800, 30)))
-    visits = draw(st.lists(st.integers(-200 * 86400, 3600), max_size=8))
+    # spread over months, and a burst of recent ones (more than a customer keeps the instants of)
+    visits = draw(st.lists(st.integers(-200 * 86400, 3600), max_size=8)) + draw(
+        st.lists(st.integers(-9 * 86400, 3600), max_size=14))
     bookings = draw(st.lists(st.integers(-30 * 86400, 0), max_size=3))
     return {
         "timezone": draw(st.sampled_from(ZONES)),
@@ -87,6 +94,8 @@ def customer(draw: st.DrawFn) -> dict[str, Any]:
         "visits": [NOW + timedelta(seconds=s, microseconds=draw(st.integers(0, 999_999)))
                    for s in visits],
         "bookings": [NOW + timedelta(seconds=s) for s in bookings],
+        # whether ingestion kept their latest visits (else NULL: counted through the events)
+        "kept": draw(st.booleans()),
     }
 
 
@@ -110,6 +119,10 @@ def _load(db: Engine, customers: list[dict[str, Any]]) -> None:
                 for at in times:
                     conn.execute(insert(Event).values(customer_id=i, kind=kind, occurred_at=at,
                                                       received_at=NOW, properties={}))
+        c_ = Customer.__table__
+        kept = [i for i, c in enumerate(customers, start=1) if c["kept"]]
+        conn.execute(update(c_).where(c_.c.id.in_(kept)).values(
+            recent_visits=recent_visits(conn.dialect.name, c_.c.id)))
 
 
 @settings(max_examples=60, deadline=None,

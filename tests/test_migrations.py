@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 
 from engine.db import alembic_config, migrate
-from engine.models import Base
+from engine.models import RECENT_VISITS, Base, Customer
 
 
 def test_migrations_match_the_models(db: Engine) -> None:
@@ -38,3 +40,31 @@ def test_an_interrupted_concurrent_index_build_is_redone(db: Engine) -> None:
             "WHERE i.indexrelid = 'ix_events_kind_occurred_at_customer_id'::regclass").one()
     assert valid
     assert "(kind, occurred_at, customer_id) INCLUDE (id)" in definition
+
+
+def test_recent_visits_are_filled_for_the_customers_already_stored(db: Engine) -> None:
+    """0004 adds `customers.recent_visits` and fills it from the stored events: each customer's
+    own latest visits, newest first, in the stored timestamps' own text; [] for none."""
+    command.downgrade(alembic_config(db), "0003")
+    stamps = [f"2026-03-0{d} 1{h}:00:00.000000" for d in range(1, 10) for h in (0, 5)]  # 18
+    with db.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO customers (id, external_id, attributes, created_at, updated_at, "
+            "visit_count, lifetime_value, change_seq) VALUES "
+            "(1, 'c1', '{}', '2026-01-01', '2026-01-01', 0, 0, 0), "
+            "(2, 'c2', '{}', '2026-01-01', '2026-01-01', 0, 0, 0), "
+            "(3, 'c3', '{}', '2026-01-01', '2026-01-01', 0, 0, 0)")
+        rows = [(1, "visit", s) for s in stamps] + [(2, "visit", "2026-02-01 08:00:00.000000"),
+                                                     (2, "booking", "2026-03-09 08:00:00.000000")]
+        for i, (customer, kind, at) in enumerate(rows, start=1):
+            conn.exec_driver_sql(
+                "INSERT INTO events (id, customer_id, kind, occurred_at, received_at, properties)"
+                f" VALUES ({i}, {customer}, '{kind}', '{at}', '{at}', '{{}}')")
+    migrate(db)
+    with db.connect() as conn:
+        kept = dict(conn.execute(
+            select(Customer.id, Customer.recent_visits).order_by(Customer.id)).all())
+    latest = sorted(stamps, reverse=True)[:RECENT_VISITS]
+    assert {k: [datetime.fromisoformat(t) for t in v] for k, v in kept.items()} == {
+        1: [datetime.fromisoformat(t) for t in latest],
+        2: [datetime(2026, 2, 1, 8, 0)], 3: []}
