@@ -128,11 +128,12 @@ class Floor:
 
     def v30(self, k: int) -> str:
         """At least k visits in the 30 days: the generated customers keep their latest visits
-        (`recent_visits`) and have none after the benchmark's instants."""
-        since = self.d.ts(self.now - timedelta(days=30))
+        (`recent_visits`, whole seconds since 1970, as are the generated visits and the window's
+        start) and have none after the benchmark's instants."""
+        since = int((self.now - timedelta(days=30) - datetime(1970, 1, 1)).total_seconds())
         if self.d.name == "sqlite":
             return f"coalesce(json_extract(c.recent_visits, '$[{k - 1}]') > {since}, 0)"
-        return f"coalesce(CAST((c.recent_visits ->> {k - 1}) AS TIMESTAMP) > {since}, false)"
+        return f"coalesce(CAST((c.recent_visits ->> {k - 1}) AS BIGINT) > {since}, false)"
 
     def dslv(self) -> str:
         return self.d.days_since("c.last_visit_at", self.now)

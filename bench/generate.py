@@ -19,7 +19,7 @@ import random
 import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 from engine.models import RECENT_VISITS
@@ -82,6 +82,7 @@ COLUMNS = {
 _DAY0 = YEAR_AGO - timedelta(days=1)
 _DAY_TEXT = [(_DAY0 + timedelta(days=i)).isoformat() for i in range(368)]
 _TODAY_INDEX = (TODAY - _DAY0).days
+_DAY0_EPOCH = (_DAY0 - date(1970, 1, 1)).days * 86400  # whole seconds, as recent_visits keeps
 _NOW_SECONDS = NOW.hour * 3600 + NOW.minute * 60
 
 
@@ -147,7 +148,7 @@ def batches(n: int, seed: int = 20260302) -> Iterator[Batch]:
             per_week = 0.2 if habit < 0.25 else 1.0 + rand() if habit < 0.7 else 2.0 + rand()
             fade_half_life = 30 + rand() * 120 if rand() < 0.35 else 0.0
             favourite_hour = 6 + int(rand() * 15)
-            stamps: list[str] = []
+            stamps: list[tuple[str, int]] = []
             for _, _, start, end in memberships:
                 lo = max(start, YEAR_AGO)
                 hi = min(end, TODAY)
@@ -172,7 +173,7 @@ def batches(n: int, seed: int = 20260302) -> Iterator[Batch]:
                         clock = clock_cache[seconds] = _clock_text(seconds)
                     stamp = f"{_DAY_TEXT[d]} {clock}"
                     event_id += 1
-                    stamps.append(stamp)
+                    stamps.append((stamp, _DAY0_EPOCH + d * 86400 + seconds))
                     batch.events.append((event_id, cid, "visit", stamp, stamp, "{}"))
 
             # the latest visits, newest first, as ingestion keeps them
@@ -187,8 +188,8 @@ def batches(n: int, seed: int = 20260302) -> Iterator[Batch]:
                 str(100_000_000 + cid) if rand() < 0.3 else None,
                 zone, "de" if zone is None or zone == "Europe/Berlin" else "en",
                 choices(_SEG_VALUES, cum_weights=_SEG_CUM)[0], attributes,
-                _ts(created), _ts(created), latest[0] if latest else None, len(stamps),
-                json.dumps(latest), lifetime, current, 1))
+                _ts(created), _ts(created), latest[0][0] if latest else None, len(stamps),
+                json.dumps([seconds for _, seconds in latest]), lifetime, current, 1))
         yield batch
 
 

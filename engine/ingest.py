@@ -17,6 +17,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import (
+    BigInteger,
     ColumnElement,
     Connection,
     Engine,
@@ -268,19 +269,22 @@ class Ingestor:
 
 
 def recent_visits(dialect: str, customer_id: ColumnElement[Any]) -> ColumnElement[Any]:
-    """The customer's latest RECENT_VISITS visit instants, newest first, as a JSON array (empty
-    for none): the value of `Customer.recent_visits`."""
+    """The customer's latest RECENT_VISITS visit instants, newest first, in whole seconds since
+    1970 (rounded down), as a JSON array (empty for none): the value of
+    `Customer.recent_visits`."""
     e = table(Event)
     latest = (select(e.c.occurred_at).where(e.c.customer_id == customer_id, e.c.kind == VISIT)
               .order_by(e.c.occurred_at.desc()).limit(RECENT_VISITS)
               # the enclosing UPDATE's customer, two levels out
               .correlate_except(e).subquery("latest"))
     if dialect == "postgresql":
-        ordered = aggregate_order_by(latest.c.occurred_at, latest.c.occurred_at.desc())
+        seconds = cast(func.floor(func.extract("epoch", latest.c.occurred_at)), BigInteger)
+        ordered = aggregate_order_by(seconds, latest.c.occurred_at.desc())
         return select(func.coalesce(func.json_agg(ordered), literal_column("'[]'::json"))) \
             .scalar_subquery()
     # SQLite aggregates the rows in the order the subquery returns them
-    return select(func.json_group_array(latest.c.occurred_at)).scalar_subquery()
+    seconds = cast(func.strftime("%s", latest.c.occurred_at), BigInteger)
+    return select(func.json_group_array(seconds)).scalar_subquery()
 
 
 R = TypeVar("R", MembershipIn, EventIn, ConsentIn)

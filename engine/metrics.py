@@ -21,7 +21,6 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     ColumnElement,
-    DateTime,
     Float,
     Integer,
     String,
@@ -269,6 +268,9 @@ _EVENT_KINDS = {"visits": "visit", "bookings": "booking", "purchases": "purchase
 VISIT_KIND = "visit"  # the kind whose latest instants customers keep (`recent_visits`)
 
 
+_EPOCH = datetime(1970, 1, 1)
+
+
 def _window_count(ctx: SqlContext, kind: str, days: int) -> ColumnElement[Any]:
     """The customer's events of `kind` in the `days` before the tick's instant: a count through
     the events index."""
@@ -282,11 +284,11 @@ def _window_count(ctx: SqlContext, kind: str, days: int) -> ColumnElement[Any]:
     )
 
 
-class nth_recent_visit(FunctionElement[datetime]):  # noqa: N801 - reads as a SQL function
-    """The instant of the customer's (index + 1)-th latest visit in `recent_visits`, or NULL
-    if they have fewer visits."""
+class nth_recent_visit(FunctionElement[int]):  # noqa: N801 - reads as a SQL function
+    """The instant (whole seconds since 1970) of the customer's (index + 1)-th latest visit in
+    `recent_visits`, or NULL if they have fewer visits."""
 
-    type = DateTime()
+    type = BigInteger()
     inherit_cache = True
 
     def __init__(self, column: ColumnElement[Any], index: int) -> None:
@@ -297,15 +299,13 @@ class nth_recent_visit(FunctionElement[datetime]):  # noqa: N801 - reads as a SQ
 @compiles(nth_recent_visit, "sqlite")
 def _nth_sqlite(element: nth_recent_visit, compiler: Any, **kw: Any) -> str:
     column, index = element.clauses
-    # the stored text is the events' own (the format of every DateTime value on SQLite)
     return f"json_extract({compiler.process(column, **kw)}, '$[{index.name}]')"
 
 
 @compiles(nth_recent_visit)
 def _nth_default(element: nth_recent_visit, compiler: Any, **kw: Any) -> str:
     column, index = element.clauses
-    return (f"CAST(({compiler.process(column, **kw)} ->> {index.name}) "
-            "AS TIMESTAMP WITHOUT TIME ZONE)")
+    return f"CAST(({compiler.process(column, **kw)} ->> {index.name}) AS BIGINT)"
 
 
 def visits_at_least(ctx: SqlContext, days: int, k: int) -> ColumnElement[bool]:
@@ -325,8 +325,12 @@ def visits_at_least(ctx: SqlContext, days: int, k: int) -> ColumnElement[bool]:
     c = ctx.customer.c
     kept = and_(c.recent_visits.is_not(None),
                 or_(c.last_visit_at.is_(None), c.last_visit_at <= ctx.now))
-    since = ctx.now - timedelta(days=days)
-    return case((kept, func.coalesce(nth_recent_visit(c.recent_visits, k - 1) > since, false())),
+    # the list holds whole seconds: a k-th visit in the window's first second is counted
+    since = math.floor((ctx.now - timedelta(days=days) - _EPOCH).total_seconds())
+    kth = nth_recent_visit(c.recent_visits, k - 1)
+    return case((and_(kept, kth > since), true()),
+                (and_(kept, kth == since), count >= k),
+                (kept, false()),
                 else_=count >= k)
 
 

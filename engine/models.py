@@ -117,9 +117,10 @@ class Customer(Base):
     visit_count: Mapped[int] = mapped_column(default=0)
     lifetime_value: Mapped[float] = mapped_column(Float, default=0.0)
     current_membership_id: Mapped[int | None] = mapped_column(BigId)
-    # The instants of the customer's latest RECENT_VISITS visits, newest first (JSON); NULL where
-    # ingestion has not computed them (then the windowed visit counts read the events).
-    recent_visits: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))
+    # The instants of the customer's latest RECENT_VISITS visits, newest first, in whole seconds
+    # since 1970 (a JSON array); NULL where ingestion has not computed them (then the windowed
+    # visit counts read the events).
+    recent_visits: Mapped[list[int] | None] = mapped_column(JSON(none_as_null=True))
     # Lifecycle position, maintained by the tick.
     stage: Mapped[str | None] = mapped_column(String(32))
     stage_membership_id: Mapped[int | None] = mapped_column(BigId)

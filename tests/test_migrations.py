@@ -44,9 +44,9 @@ def test_an_interrupted_concurrent_index_build_is_redone(db: Engine) -> None:
 
 def test_recent_visits_are_filled_for_the_customers_already_stored(db: Engine) -> None:
     """0004 adds `customers.recent_visits` and fills it from the stored events: each customer's
-    own latest visits, newest first, in the stored timestamps' own text; [] for none."""
+    own latest visits, newest first, in whole seconds since 1970; [] for none."""
     command.downgrade(alembic_config(db), "0003")
-    stamps = [f"2026-03-0{d} 1{h}:00:00.000000" for d in range(1, 10) for h in (0, 5)]  # 18
+    stamps = [f"2026-03-0{d} 1{h}:00:00.750000" for d in range(1, 10) for h in (0, 5)]  # 18
     with db.begin() as conn:
         conn.exec_driver_sql(
             "INSERT INTO customers (id, external_id, attributes, created_at, updated_at, "
@@ -65,6 +65,7 @@ def test_recent_visits_are_filled_for_the_customers_already_stored(db: Engine) -
         kept = dict(conn.execute(
             select(Customer.id, Customer.recent_visits).order_by(Customer.id)).all())
     latest = sorted(stamps, reverse=True)[:RECENT_VISITS]
-    assert {k: [datetime.fromisoformat(t) for t in v] for k, v in kept.items()} == {
-        1: [datetime.fromisoformat(t) for t in latest],
-        2: [datetime(2026, 2, 1, 8, 0)], 3: []}
+    epoch = datetime(1970, 1, 1)
+    assert kept == {
+        1: [int((datetime.fromisoformat(t) - epoch).total_seconds() // 1) for t in latest],
+        2: [int((datetime(2026, 2, 1, 8, 0) - epoch).total_seconds())], 3: []}

@@ -17,6 +17,7 @@ from engine.metrics import SqlContext
 from engine.models import RECENT_VISITS, Customer, Event
 
 NOW = datetime(2026, 3, 29, 0, 30)
+EPOCH = datetime(1970, 1, 1)
 OPS = ["==", "!=", "<", "<=", ">", ">="]
 
 
@@ -54,13 +55,17 @@ def _expected(conditions: list[str], visits: list[list[datetime]],
            st.sampled_from([1, 7, 30]), st.sampled_from(OPS),
            st.integers(-1, RECENT_VISITS + 3) | st.sampled_from([2.5, 15.5]),
        ), min_size=1, max_size=6),
-       minutes=st.integers(-2 * 24 * 60, 2 * 24 * 60))
+       minutes=st.integers(-2 * 24 * 60, 2 * 24 * 60),
+       fractions=st.tuples(st.sampled_from([0, 1, 500_000]), st.sampled_from([0, 500_000])))
 def test_counts_from_the_latest_visits_agree_with_the_events(
         db: Engine, visits: list[list[int]], kept: list[bool], conditions: list[str],
-        minutes: int) -> None:
-    """Random visits, some after the instant (a tick in the past), more than a customer keeps;
-    some customers without the list: every comparison gives the count's answer."""
-    times = [[NOW + timedelta(seconds=s) for s in seconds] for seconds in visits]
+        minutes: int, fractions: tuple[int, int]) -> None:
+    """Random visits, some after the instant (a tick in the past), more than a customer keeps,
+    some in the same second as the window's start (the list keeps whole seconds); some customers
+    without the list: every comparison gives the count's answer."""
+    visit_fraction, now_fraction = fractions
+    times = [[NOW + timedelta(seconds=s, microseconds=visit_fraction) for s in seconds]
+             for seconds in visits]
     c = Customer.__table__
     with db.begin() as conn:
         conn.execute(delete(Event))
@@ -75,7 +80,7 @@ def test_counts_from_the_latest_visits_agree_with_the_events(
         conn.execute(update(c).where(c.c.id.in_(
             [i for i in range(1, len(times) + 1) if kept[i - 1]])).values(
             recent_visits=recent_visits(conn.dialect.name, c.c.id)))
-    now = NOW + timedelta(minutes=minutes)
+    now = NOW + timedelta(minutes=minutes, microseconds=now_fraction)
     assert _evaluate(db, conditions, now) == _expected(conditions, times, now)
 
 
@@ -127,17 +132,36 @@ def test_ingestion_keeps_the_latest_visits_newest_first(db: Engine) -> None:
     latest = sorted(moments, reverse=True)[:RECENT_VISITS]
     stored = kept()
     assert stored["c2"] == []
-    with db.connect() as conn:
-        # the stored instants read back as the events' own
-        as_times = conn.execute(select(Event.occurred_at).where(
-            Event.kind == "visit").order_by(Event.occurred_at.desc())
-            .limit(RECENT_VISITS)).scalars().all()
-    assert as_times == latest
-    assert len(stored["c1"]) == RECENT_VISITS
-    assert [datetime.fromisoformat(t) for t in stored["c1"]] == latest
+    assert stored["c1"] == [_seconds(t) for t in latest]
     # a visit older than every kept one changes nothing; a newer one enters first
     ingest.events([EventIn(customer_external_id="c1", kind="visit",
                            occurred_at=NOW - timedelta(days=90))])
     assert kept()["c1"] == stored["c1"]
     ingest.events([EventIn(customer_external_id="c1", kind="visit", occurred_at=NOW)])
-    assert [datetime.fromisoformat(t) for t in kept()["c1"]] == [NOW, *latest[:-1]]
+    assert kept()["c1"] == [_seconds(t) for t in [NOW, *latest[:-1]]]
+
+
+def _seconds(moment: datetime) -> int:
+    return int((moment - EPOCH).total_seconds() // 1)
+
+
+def test_a_visit_in_the_windows_first_second(db: Engine) -> None:
+    """The list keeps whole seconds: a k-th visit in the same second as the window's start is
+    inside or outside by its fraction, as the count has it."""
+    now = NOW + timedelta(microseconds=500_000)
+    start = now - timedelta(days=1)
+    ingest = Ingestor(db, FixedClock(NOW))
+    ingest.customers([CustomerIn(external_id="before"), CustomerIn(external_id="after"),
+                      CustomerIn(external_id="at")])
+    ingest.events([
+        EventIn(customer_external_id="before", kind="visit",
+                occurred_at=start - timedelta(microseconds=300_000)),
+        EventIn(customer_external_id="after", kind="visit",
+                occurred_at=start + timedelta(microseconds=200_000)),
+        EventIn(customer_external_id="at", kind="visit", occurred_at=start)])
+    c = Customer.__table__
+    with db.connect() as conn:
+        ids = dict(conn.execute(select(c.c.external_id, c.c.id)).all())
+        assert all(conn.execute(select(c.c.recent_visits)).scalars())  # all three kept
+    assert _evaluate(db, ["visits_1d >= 1", "visits_1d == 0"], now) == {
+        "visits_1d >= 1": {ids["after"]}, "visits_1d == 0": {ids["before"], ids["at"]}}
