@@ -132,6 +132,13 @@ def _scratch_copy(source: Table, name: str) -> Table:
 # compact rows per trigger instead of an index probe and two row lookups per customer.
 CHANGED_CUSTOMERS = _scratch_copy(table(Customer), "tick_changed_customers")
 CHANGED_MEMBERSHIPS = _scratch_copy(table(Membership), "tick_changed_memberships")
+# On PostgreSQL the copies are analysed once filled (autovacuum never visits temporary tables),
+# on the columns the triggers' joins and filters select by. Without statistics the planner
+# multiplied default selectivities down to one customer and joined the memberships copy by a
+# scan per customer: 0.27 s for one trigger at 10,000 changed customers. All the columns took
+# 70 ms to analyse, these few 12 ms.
+ANALYZED = {CHANGED_CUSTOMERS: ("id", "stage", "timezone", "current_membership_id"),
+            CHANGED_MEMBERSHIPS: ("id", "plan", "status", "starts_on", "ends_on")}
 
 
 class TickKind(StrEnum):
@@ -366,13 +373,16 @@ class Evaluator:
                                    strict=True):
             empty_scratch(conn, copy)
             conn.execute(statement, {"copy_since": previous_seq})
+            if dialect == "postgresql":
+                conn.exec_driver_sql(f"ANALYZE {copy.name} ({', '.join(ANALYZED[copy])})")
 
     @staticmethod
     def _copy_statements(dialect: str) -> tuple[Any, Any]:
         # The changed customers through the change_seq index. Their memberships by key: on
         # SQLite the keys come from the fresh copy (no second read of the customer rows); on
-        # PostgreSQL from the customers table again, since the copy has no planner statistics
-        # and a hash join over it scanned every membership.
+        # PostgreSQL from the customers table again: with the keys from the copy (analysed or
+        # not) the planner chose worse joins (0.19 s against 0.11 s for 10,000 changed
+        # customers, analysed; without statistics a hash join scanned every membership).
         c, m = table(Customer), table(Membership)
         changed = c.c.change_seq > bindparam("copy_since", type_=BigInteger())
         keys = (select(CHANGED_CUSTOMERS.c.current_membership_id) if dialect == "sqlite"
