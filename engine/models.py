@@ -188,7 +188,7 @@ class StageChange(Base):
     __tablename__ = "stage_history"
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id"))
+    customer_id: Mapped[int] = mapped_column(BigId)  # no foreign key (migration 0005)
     membership_id: Mapped[int | None] = mapped_column(BigId)
     stage: Mapped[str] = mapped_column(String(32))
     previous_stage: Mapped[str | None] = mapped_column(String(32))
@@ -246,7 +246,7 @@ class Occurrence(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     trigger_id: Mapped[str] = mapped_column(String(128))
-    customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id"))
+    customer_id: Mapped[int] = mapped_column(BigId)  # no foreign key (migration 0005)
     # Re-entry scope: `cycle:<membership id>`, `ever`, `event:<event id>`, `day:<date>` ...
     scope_key: Mapped[str] = mapped_column(String(64))
     membership_id: Mapped[int | None] = mapped_column(BigId)
@@ -274,8 +274,9 @@ class Message(Base):
     __tablename__ = "outbox"
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    occurrence_id: Mapped[int] = mapped_column(ForeignKey("occurrences.id"), unique=True)
-    customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id"))
+    # no foreign keys: the tick writes these rows from rows it has just read (migration 0005)
+    occurrence_id: Mapped[int] = mapped_column(BigId, unique=True)
+    customer_id: Mapped[int] = mapped_column(BigId)
     trigger_id: Mapped[str] = mapped_column(String(128))
     channel: Mapped[str] = mapped_column(String(32))
     template: Mapped[str] = mapped_column(String(256))

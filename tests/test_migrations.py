@@ -8,10 +8,11 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, inspect, select
+from sqlalchemy.exc import IntegrityError
 
 from engine.db import alembic_config, migrate
-from engine.models import RECENT_VISITS, Base, Customer
+from engine.models import RECENT_VISITS, Base, Customer, Message, Occurrence, StageChange
 
 
 def test_migrations_match_the_models(db: Engine) -> None:
@@ -69,3 +70,49 @@ def test_recent_visits_are_filled_for_the_customers_already_stored(db: Engine) -
     assert kept == {
         1: [int((datetime.fromisoformat(t) - epoch).total_seconds() // 1) for t in latest],
         2: [int((datetime(2026, 2, 1, 8, 0) - epoch).total_seconds())], 3: []}
+
+
+def _foreign_keys(db: Engine, table: str) -> set[str]:
+    return {str(fk["name"]) for fk in inspect(db).get_foreign_keys(table)}
+
+
+def test_the_tables_the_tick_writes_lose_their_foreign_keys_and_keep_their_rows(
+        db: Engine) -> None:
+    """0005 drops the foreign keys of occurrences, outbox and stage_history (SQLite rebuilds the
+    tables): the rows, the unique keys and the indexes stay; downgrading puts the keys back."""
+    command.downgrade(alembic_config(db), "0004")
+    assert "fk_outbox_occurrence_id_occurrences" in _foreign_keys(db, "outbox")
+    at = "'2026-03-02 10:00:00.000000'"
+    with db.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO customers (id, external_id, attributes, created_at, updated_at, "
+            "visit_count, lifetime_value, change_seq) "
+            f"VALUES (7, 'c7', '{{}}', {at}, {at}, 0, 0, 0)")
+        conn.exec_driver_sql(
+            "INSERT INTO occurrences (id, trigger_id, customer_id, scope_key, tick_id, fired_at, "
+            f"arm, status) VALUES (11, 'welcome', 7, 'ever', 1, {at}, 'treatment', 'message')")
+        conn.exec_driver_sql(
+            "INSERT INTO outbox (id, occurrence_id, customer_id, trigger_id, channel, template, "
+            "status, due_at, created_at, attempts) VALUES "
+            f"(13, 11, 7, 'welcome', 'console', 'welcome.txt', 'queued', {at}, {at}, 0)")
+        conn.exec_driver_sql(
+            "INSERT INTO stage_history (id, customer_id, stage, entered_at) "
+            f"VALUES (17, 7, 'onboarding', {at})")
+    migrate(db)
+    assert [_foreign_keys(db, t) for t in ("occurrences", "outbox", "stage_history")] == [
+        set(), set(), set()]
+    assert _foreign_keys(db, "events") == {"fk_events_customer_id_customers"}
+    with db.connect() as conn:
+        assert conn.execute(select(Occurrence.id, Occurrence.customer_id)).all() == [(11, 7)]
+        assert conn.execute(select(Message.id, Message.occurrence_id)).all() == [(13, 11)]
+        assert conn.execute(select(StageChange.id, StageChange.stage)).all() == [
+            (17, "onboarding")]
+        with pytest.raises(IntegrityError):  # the re-entry key survived the rebuild
+            conn.exec_driver_sql(
+                "INSERT INTO occurrences (trigger_id, customer_id, scope_key, tick_id, fired_at, "
+                f"arm, status) VALUES ('welcome', 7, 'ever', 2, {at}, 'treatment', 'message')")
+    command.downgrade(alembic_config(db), "0004")
+    assert _foreign_keys(db, "outbox") == {"fk_outbox_occurrence_id_occurrences",
+                                           "fk_outbox_customer_id_customers"}
+    assert _foreign_keys(db, "stage_history") == {"fk_stage_history_customer_id_customers"}
+    migrate(db)
