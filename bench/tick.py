@@ -80,6 +80,49 @@ def _tick(evaluator: Any, **kwargs: Any) -> dict[str, Any]:
             **evaluator.timer.summary()}
 
 
+# autovacuum's settings (the server's, defaults unless changed) and the threshold each applies:
+# a table is vacuumed when its dead rows, or the rows inserted since its last vacuum, pass
+# threshold + scale factor x its rows; analysed when the rows changed since its last analysis do
+_AUTOVACUUM = (("n_dead_tup", "autovacuum_vacuum_threshold", "autovacuum_vacuum_scale_factor",
+                "VACUUM (ANALYZE)"),
+               ("n_ins_since_vacuum", "autovacuum_vacuum_insert_threshold",
+                "autovacuum_vacuum_insert_scale_factor", "VACUUM (ANALYZE)"),
+               ("n_mod_since_analyze", "autovacuum_analyze_threshold",
+                "autovacuum_analyze_scale_factor", "ANALYZE"))
+
+
+def _a_day_of_autovacuum(engine: Any) -> dict[str, Any]:
+    """On PostgreSQL, what autovacuum does in the day between the first tick and the steady one,
+    done here and not timed: VACUUM or ANALYZE each table past autovacuum's thresholds. A server
+    may run with autovacuum off (a CI server does); the steady tick would then find the first
+    tick's million dead customer rows still there, which no running club's server leaves a day."""
+    if engine.dialect.name != "postgresql":
+        return {}
+    engine.dispose()  # the tick's connections exit and report their statistics
+    started = time.perf_counter()
+    done: dict[str, str] = {}
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        server = conn.exec_driver_sql("SHOW autovacuum").scalar_one()
+        settings = {name: float(conn.exec_driver_sql(f"SHOW {name}").scalar_one())
+                    for _, threshold, scale, _ in _AUTOVACUUM for name in (threshold, scale)}
+        for _ in range(50):  # statistics reach the cumulative view within a second or so
+            rows = conn.exec_driver_sql(
+                "SELECT s.relname, greatest(c.reltuples, 0), s.n_dead_tup, s.n_ins_since_vacuum, "
+                "s.n_mod_since_analyze FROM pg_stat_user_tables s "
+                "JOIN pg_class c ON c.oid = s.relid ORDER BY s.relname").all()
+            if any(r[2] or r[3] or r[4] for r in rows):
+                break
+            time.sleep(0.1)
+        for name, tuples, *counts in rows:
+            for count, (_, threshold, scale, command) in zip(counts, _AUTOVACUUM, strict=True):
+                if count > settings[threshold] + settings[scale] * tuples:
+                    done[name] = command if done.get(name) != "VACUUM (ANALYZE)" else done[name]
+        for name, command in done.items():
+            conn.exec_driver_sql(f'{command} "{name}"')
+    return {"server_autovacuum": server, "seconds": time.perf_counter() - started,
+            "tables": done}
+
+
 def _trigger_states(engine: Any) -> dict[str, list[int]]:
     from sqlalchemy import select
 
@@ -97,6 +140,7 @@ def phase_full(url: str) -> dict[str, Any]:
     imported = _peak_mb()
     first = _tick(evaluator)
     watermarks = _trigger_states(engine)
+    vacuum = _a_day_of_autovacuum(engine)
     clock.set(rig.STEADY)
     # the steady tick with and without the contact policy, as dry runs (rolled back), twice
     # each and alternating, so that neither gets all the warm caches
@@ -109,7 +153,7 @@ def phase_full(url: str) -> dict[str, Any]:
     steady = _tick(evaluator)
     engine.dispose()
     return {"baseline_mb": baseline, "imported_mb": imported, "first": first, "steady": steady,
-            "watermarks": watermarks,
+            "watermarks": watermarks, "autovacuum": vacuum,
             "policy": {"on_seconds": min(runs["on"]), "off_seconds": min(runs["off"])}}
 
 
@@ -273,6 +317,7 @@ def summarise(backend: str, n: int, info: dict[str, Any], full: dict[str, Any],
         "first_full_tick": first, "steady_full_tick": steady, "incremental_tick": inc,
         "full_tick_after_incremental": after, "full_tick_a_minute_later": again,
         "floor": floor["floor"], "naive": floor["naive"], "policy": policy,
+        "autovacuum_before_steady_tick": full["autovacuum"],
         "incremental_tick_cold": {**incremental["cold"], "changed": incremental["cold_changed"]},
         "ingest": {"events": incremental["ingested"], "seconds": incremental["ingest_seconds"]},
         "ratios": {"first_tick_over_floor": first["seconds"] / floor_total,
@@ -306,6 +351,13 @@ def _lines(path: str) -> list[str]:
         return []
 
 
+def _tables_done(tables: dict[str, str]) -> str:
+    vacuumed = [t for t, command in tables.items() if command.startswith("VACUUM")]
+    analysed = [t for t, command in tables.items() if not command.startswith("VACUUM")]
+    return "; ".join([*([f"vacuumed {', '.join(vacuumed)}"] if vacuumed else []),
+                      *([f"analysed {', '.join(analysed)}"] if analysed else [])]) or "nothing due"
+
+
 def print_table(r: dict[str, Any]) -> None:
     n = r["customers"]
     first, steady, inc = r["first_full_tick"], r["steady_full_tick"], r["incremental_tick"]
@@ -315,6 +367,10 @@ def print_table(r: dict[str, Any]) -> None:
          f"{first['stage_changes']:,} stage changes, {first['occurrences']:,} occurrences"),
         ("steady full tick (next day)", f"{steady['seconds']:.3f} s",
          f"{steady['stage_changes']:,} stage changes, {steady['occurrences']:,} occurrences"),
+        *([("  before it, a day of autovacuum (not timed)", f"{vacuum['seconds']:.1f} s",
+             f"server's autovacuum {vacuum['server_autovacuum']}; "
+             + _tables_done(vacuum["tables"]))]
+          if (vacuum := r["autovacuum_before_steady_tick"]) else []),
         ("full tick after the incremental", f"{after['seconds']:.3f} s",
          f"{after['stage_changes']:,} stage changes, {after['occurrences']:,} occurrences"),
         ("full tick a minute later (scheduler)", f"{again['seconds']:.3f} s",
