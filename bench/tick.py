@@ -83,10 +83,11 @@ def _tick(evaluator: Any, **kwargs: Any) -> dict[str, Any]:
 # autovacuum's settings (the server's, defaults unless changed) and the threshold each applies:
 # a table is vacuumed when its dead rows, or the rows inserted since its last vacuum, pass
 # threshold + scale factor x its rows; analysed when the rows changed since its last analysis do
+_VACUUM = "VACUUM (ANALYZE)"
 _AUTOVACUUM = (("n_dead_tup", "autovacuum_vacuum_threshold", "autovacuum_vacuum_scale_factor",
-                "VACUUM (ANALYZE)"),
+                _VACUUM),
                ("n_ins_since_vacuum", "autovacuum_vacuum_insert_threshold",
-                "autovacuum_vacuum_insert_scale_factor", "VACUUM (ANALYZE)"),
+                "autovacuum_vacuum_insert_scale_factor", _VACUUM),
                ("n_mod_since_analyze", "autovacuum_analyze_threshold",
                 "autovacuum_analyze_scale_factor", "ANALYZE"))
 
@@ -115,8 +116,10 @@ def _a_day_of_autovacuum(engine: Any) -> dict[str, Any]:
             time.sleep(0.1)
         for name, tuples, *counts in rows:
             for count, (_, threshold, scale, command) in zip(counts, _AUTOVACUUM, strict=True):
-                if count > settings[threshold] + settings[scale] * tuples:
-                    done[name] = command if done.get(name) != "VACUUM (ANALYZE)" else done[name]
+                # a vacuum analyses too: it is not replaced by a bare ANALYZE
+                if count > settings[threshold] + settings[scale] * tuples \
+                        and done.get(name) != _VACUUM:
+                    done[name] = command
         for name, command in done.items():
             conn.exec_driver_sql(f'{command} "{name}"')
     return {"server_autovacuum": server, "seconds": time.perf_counter() - started,
@@ -352,8 +355,8 @@ def _lines(path: str) -> list[str]:
 
 
 def _tables_done(tables: dict[str, str]) -> str:
-    vacuumed = [t for t, command in tables.items() if command.startswith("VACUUM")]
-    analysed = [t for t, command in tables.items() if not command.startswith("VACUUM")]
+    vacuumed = [t for t, command in tables.items() if command == _VACUUM]
+    analysed = [t for t, command in tables.items() if command != _VACUUM]
     return "; ".join([*([f"vacuumed {', '.join(vacuumed)}"] if vacuumed else []),
                       *([f"analysed {', '.join(analysed)}"] if analysed else [])]) or "nothing due"
 
