@@ -12,7 +12,7 @@ from sqlalchemy import Engine, Table, create_engine, delete, event, insert, sele
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
-from sqlalchemy.schema import CreateTable
+from sqlalchemy.schema import CreateIndex, CreateTable
 
 from engine.models import Counter, Lease
 from engine.models import table as model_table
@@ -141,12 +141,14 @@ def analyze_if_grown(conn: Connection, name: str, changed: int, *,
 
 
 def empty_scratch(conn: Connection, scratch: Table) -> None:
-    """Make the temporary table `scratch` exist on this connection, empty.
+    """Make the temporary table `scratch` (and its indexes) exist on this connection, empty.
 
     Kept per connection and emptied per use: creating and dropping it each time would change the
     schema, and SQLite re-prepares every statement after that. PostgreSQL gets TRUNCATE: a DELETE
     would leave dead rows behind, and autovacuum never visits temporary tables."""
     conn.execute(CreateTable(scratch, if_not_exists=True))
+    for index in sorted(scratch.indexes, key=lambda i: str(i.name)):
+        conn.execute(CreateIndex(index, if_not_exists=True))
     if conn.dialect.name == "postgresql":
         conn.exec_driver_sql(f"TRUNCATE {scratch.name}")
     else:

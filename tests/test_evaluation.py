@@ -327,3 +327,44 @@ def test_sqlite_reads_a_settled_slot_through_the_ids_to_read_again(
     assert reads[0] == "SEARCH customers USING INTEGER PRIMARY KEY (rowid=?)", plan
     assert not any(index in step for step in reads for index in (
         "ix_memberships_ends_on", "ix_customers_last_visit_at", "ix_customers_stage")), plan
+
+
+@pytest.mark.parametrize(("when", "anchor"), [
+    ({"before": "membership.ends_at", "days": 14, "at": "10:00"}, "ends_on"),
+    ({"after": "membership.starts_at", "days": 5, "at": "10:00"}, "starts_on"),
+])
+def test_sqlite_reads_the_changed_customers_due_by_the_copies_anchor_index(
+        tmp_path: Path, clock: FixedClock, project_config: ProjectConfig, when: dict[str, Any],
+        anchor: str) -> None:
+    """An incremental tick reads a date trigger's changed customers through the anchor date's
+    index on its copy of their memberships, then their customers through the copy's index of
+    current memberships: the few changed customers due today, not a pass over every changed
+    customer for each date trigger."""
+    db = make_engine(f"sqlite:///{tmp_path / 'plan.db'}")
+    migrate(db)
+    ingest = seed(db, clock)
+    evaluator = Evaluator(db, project_config, [make_trigger(id="t", when=when)], clock)
+    evaluator.tick()
+    clock.advance(timedelta(minutes=5))
+    ingest.events([EventIn(customer_external_id="bob", kind="visit", occurred_at=clock.now())])
+    plans: list[list[str]] = []
+
+    def explain(conn: Any, cursor: Any, statement: str, params: Any, *args: Any) -> None:
+        # in the tick's own connection: the copies are its temporary tables
+        if statement.startswith("INSERT INTO occurrences"):
+            plans.append([row[3] for row in cursor.connection.execute(
+                "EXPLAIN QUERY PLAN " + statement, params)])
+
+    event.listen(db, "after_cursor_execute", explain)
+    evaluator.tick(kind=TickKind.INCREMENTAL)
+    event.remove(db, "after_cursor_execute", explain)
+    db.dispose()
+    assert len(plans) == 1
+    reads = [step for step in plans[0] if step.startswith(("SEARCH", "SCAN"))]
+    # each anchor date of the zones (a multi-index OR where they differ), then the customers
+    memberships = [step for step in reads if step.startswith("SEARCH m ")]
+    assert reads[0] in memberships and all(
+        f"INDEX ix_tick_changed_memberships_{anchor} " in step for step in memberships), plans
+    assert [step for step in reads if step not in memberships][0].startswith(
+        "SEARCH tick_changed_customers USING INDEX "
+        "ix_tick_changed_customers_current_membership_id "), plans
