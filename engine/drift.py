@@ -33,10 +33,11 @@ __all__ = ["DayCount", "Drift"]
 
 @dataclass(frozen=True)
 class DayCount:
-    """A day count the conditions compare with constants, and those constants."""
+    """A day count the conditions compare with constants, and the values b for which a step
+    of the count between b - 1 and b can flip one of those comparisons."""
 
     clocked: Clocked
-    thresholds: frozenset[float]
+    steps: frozenset[int]
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class Drift:
         """The drift of these condition texts, or None if some time-dependent name is used in
         a way this cannot bound, or is one of the `unbounded` names. Windowed counts are
         bounded only if `windows`."""
-        found: dict[Clocked, set[float]] = {}
+        found: dict[Clocked, set[int]] = {}
         slid: set[tuple[str, int]] = set()
         for text in texts:
             tree = ast.parse(text.strip(), mode="eval")
@@ -65,12 +66,17 @@ class Drift:
                     metric = _metric(operand)
                     if metric is None or metric.timeless or metric.clocked is None:
                         continue
-                    neighbours = operands[max(i - 1, 0):i] + operands[i + 1:i + 2]
-                    values = [_numbers(n) for n in neighbours]
-                    if any(v is None for v in values):
+                    # each neighbour with the operator read from the count's side:
+                    # `0 <= count` is `count >= 0`
+                    sides = ([(_mirrored(type(node.ops[i - 1])), operands[i - 1])]
+                             if i > 0 else [])
+                    if i + 1 < len(operands):
+                        sides.append((type(node.ops[i]), operands[i + 1]))
+                    values = [(op, _numbers(n)) for op, n in sides]
+                    if any(v is None for _, v in values):
                         continue
                     found.setdefault(metric.clocked, set()).update(
-                        x for v in values for x in v or ())
+                        b for op, v in values for k in v or () for b in _steps(op, k))
                     covered.add(id(operand))
             for node in ast.walk(tree):
                 metric = _metric(node)
@@ -84,7 +90,7 @@ class Drift:
                     slid.add(metric.window)
                     continue
                 return None
-        return cls(tuple(DayCount(clocked, frozenset(values)) for clocked, values in found.items()),
+        return cls(tuple(DayCount(clocked, frozenset(steps)) for clocked, steps in found.items()),
                    frozenset(slid))
 
     def moved(self, then: datetime, now: datetime,
@@ -109,12 +115,10 @@ class Drift:
             sign = count.clocked.sign
             if sign < 0 and not count.clocked.local_date:
                 return None
-            # An integer count moving monotonically can flip `count <op> k` only by stepping
-            # from b - 1 to b (rising) or from b to b - 1 (falling) for b = floor(k) + 1 or
-            # ceil(k) (the two coincide unless k is a whole number: then `== k` flips at both).
+            # An integer count moving monotonically flips a comparison only by stepping from
+            # b - 1 to b (rising) or from b to b - 1 (falling) for one of its steps (`_steps`).
             # Each bound below holds every anchor for which such a step falls in (early, late].
-            for b in sorted({b for k in count.thresholds
-                             for b in (math.floor(k) + 1, math.ceil(k))}):
+            for b in sorted(count.steps):
                 if count.clocked.local_date:
                     if first_day is None or last_day is None:
                         continue
@@ -144,6 +148,27 @@ class Drift:
                 parts.append(select(e.c.customer_id).where(
                     e.c.kind == kind, e.c.occurred_at > low_end, e.c.occurred_at <= high_end))
         return parts
+
+
+_MIRRORED: dict[type[ast.cmpop], type[ast.cmpop]] = {
+    ast.Lt: ast.Gt, ast.LtE: ast.GtE, ast.Gt: ast.Lt, ast.GtE: ast.LtE}
+
+
+def _mirrored(op: type[ast.cmpop]) -> type[ast.cmpop]:
+    """`k <op> count` read as `count <op'> k` (an equality reads the same both ways)."""
+    return _MIRRORED.get(op, op)
+
+
+def _steps(op: type[ast.cmpop], k: float) -> tuple[int, ...]:
+    """The b for which an integer count stepping between b - 1 and b can change `count <op> k`:
+    `< k` and `>= k` change between ceil(k) - 1 and ceil(k), `> k` and `<= k` between
+    floor(k) and floor(k) + 1 (the same step unless k is a whole number); an equality, or
+    anything else, at both."""
+    if op in (ast.Lt, ast.GtE):
+        return (math.ceil(k),)
+    if op in (ast.Gt, ast.LtE):
+        return (math.floor(k) + 1,)
+    return (math.ceil(k), math.floor(k) + 1)
 
 
 def _local_date(tz: str, moment: datetime) -> date:

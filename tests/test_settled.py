@@ -183,8 +183,18 @@ def test_drift_bounds_windows_and_day_counts_against_constants_only() -> None:
                         "days_until_membership_end < 7 or plan == \"annual\""])
     assert bounded is not None
     assert bounded.windows == {("visit", 30)}
-    assert {(d.clocked.column, d.thresholds) for d in bounded.day_counts} == {
-        ("last_visit_at", frozenset({3.0, 10.0})), ("ends_on", frozenset({7.0}))}
+    # the steps b (between b - 1 and b) at which a comparison can flip: an equality at both
+    # ends of its constant, `< 7` only where the count reaches 7
+    assert {(d.clocked.column, d.steps) for d in bounded.day_counts} == {
+        ("last_visit_at", frozenset({3, 4, 10, 11})), ("ends_on", frozenset({7}))}
+    # a constant on the left reads from the count's side: `0 <= n` is `n >= 0`, `5.5 < n` is
+    # `n > 5.5`
+    chained = Drift.of(["0 <= days_since_membership_start < 28", "5.5 < days_since_last_visit",
+                        "not days_until_membership_end <= 30"])
+    assert chained is not None
+    assert {(d.clocked.column, d.steps) for d in chained.day_counts} == {
+        ("starts_on", frozenset({0, 28})), ("last_visit_at", frozenset({6})),
+        ("ends_on", frozenset({31}))}
     assert Drift.of(["days_in_stage > 3"]) is None
     assert Drift.of(["days_since_last_visit > visits_total"]) is None
     assert Drift.of(["visits_7d > 1"], windows=False) is None
@@ -212,6 +222,36 @@ def test_a_window_moves_for_the_events_entering_and_leaving_it(
         moved = {x for part in parts for x in conn.execute(
             select(Customer.external_id).where(Customer.id.in_(part))).scalars()}
     assert moved == {"leaving", "entering"}
+
+
+def test_a_day_count_moves_only_at_the_steps_that_flip_its_comparison(
+        db: Engine, clock: FixedClock) -> None:
+    """`days_since_last_visit > 45` changes when the count goes from 45 to 46, not from 44 to
+    45: between two instants a minute apart, only the customers whose 46th day began in that
+    minute are read again; `== 45` changes at both steps."""
+    now = clock.now()
+    minute = timedelta(minutes=1)
+    ing = Ingestor(db, clock)
+    visits = {"to_46": now - timedelta(days=46) + minute / 2,
+              "to_45": now - timedelta(days=45) + minute / 2,
+              "to_44": now - timedelta(days=44) + minute / 2}
+    ing.customers([CustomerIn(external_id=x) for x in visits])
+    ing.events([EventIn(customer_external_id=x, kind="visit", occurred_at=t)
+                for x, t in visits.items()])
+
+    def moved(condition: str) -> set[str]:
+        drift = Drift.of([condition])
+        assert drift is not None
+        parts = drift.moved(now, now + minute, ["UTC"])
+        assert parts is not None
+        with db.connect() as conn:
+            return {x for part in parts for x in conn.execute(
+                select(Customer.external_id).where(Customer.id.in_(part))).scalars()}
+
+    assert moved("days_since_last_visit > 45") == {"to_46"}
+    assert moved("45 < days_since_last_visit") == {"to_46"}
+    assert moved("days_since_last_visit >= 45") == {"to_45"}
+    assert moved("days_since_last_visit == 45") == {"to_45", "to_46"}
 
 
 def test_each_kind_of_change_is_read_again_within_a_settled_slot(
