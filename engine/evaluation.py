@@ -697,8 +697,13 @@ class Evaluator:
         filters.extend(ranges)
         once = trig.once
         o = Occurrence.__table__
+        # The current membership's id from the customer row (ingestion keeps it, and never
+        # deletes a membership): where nothing else reads the membership, the databases drop
+        # the outer join, a row lookup per candidate (SQLite: 0.12 s of 0.6 s for a schedule
+        # trigger's 33,000 occurrences at a million customers).
+        membership_id = c.c.current_membership_id
         if once == Scope.PER_CYCLE:
-            scope = literal("cycle:") + cast(func.coalesce(m.c.id, 0), String)
+            scope = literal("cycle:") + cast(func.coalesce(membership_id, 0), String)
         elif once == Scope.EVER:
             scope = literal("ever")
         elif once == Scope.PER_EVENT:
@@ -727,7 +732,7 @@ class Evaluator:
         # count is a subquery per customer, not worth running for one fired a week ago.
         filters.extend(cond.sql(ctx) for cond in loaded.conditions)
         return select(
-            c.c.id.label("customer_id"), m.c.id.label("membership_id"),
+            c.c.id.label("customer_id"), membership_id.label("membership_id"),
             event_id.label("event_id"), scope.label("scope_key"), c.c.stage.label("stage"),
             *(c.c[column] for column in sorted(set(self.contact.values()))),
         ).select_from(joined).where(*filters), c

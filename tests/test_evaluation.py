@@ -368,3 +368,40 @@ def test_sqlite_reads_the_changed_customers_due_by_the_copies_anchor_index(
     assert [step for step in reads if step not in memberships][0].startswith(
         "SEARCH tick_changed_customers USING INDEX "
         "ix_tick_changed_customers_current_membership_id "), plans
+
+
+@pytest.mark.parametrize(("conditions", "reads_memberships"), [
+    ([], False), (["visits_total >= 0", "lifetime_value >= 0"], False),
+    (['plan != "monthly"'], True)])
+def test_a_trigger_reads_the_memberships_only_for_what_its_conditions_use(
+        db: Engine, clock: FixedClock, project_config: ProjectConfig, conditions: list[str],
+        reads_memberships: bool) -> None:
+    """The occurrence's membership (its cycle, its holdout bucket) is the customer row's current
+    membership: a trigger whose `when` and conditions read nothing of the membership does not
+    join it (a row lookup per candidate), and records the same membership as one that does."""
+    seed(db, clock)
+    trig = make_trigger(id="t", when={"schedule": "0 * * * *"}, conditions=conditions,
+                        once="per_cycle", holdout="50%")
+    plans: list[str] = []
+
+    def explain(conn: Any, cursor: Any, statement: str, params: Any, *args: Any) -> None:
+        if statement.startswith("INSERT INTO occurrences"):
+            plans.append("\n".join(str(row) for row in cursor.connection.execute(
+                ("EXPLAIN QUERY PLAN " if db.dialect.name == "sqlite" else "EXPLAIN ")
+                + statement, params).fetchall()))
+
+    event.listen(db, "after_cursor_execute", explain)
+    try:
+        fired = Evaluator(db, project_config, [trig], clock).tick().occurrences["t"]
+    finally:
+        event.remove(db, "after_cursor_execute", explain)
+    assert len(plans) == 1
+    read = ("SEARCH m " in plans[0] or "SCAN m" in plans[0] if db.dialect.name == "sqlite"
+            else " on memberships m" in plans[0])
+    assert read is reads_memberships, plans[0]
+    with db.connect() as conn:
+        rows = conn.execute(select(Occurrence.membership_id, Occurrence.scope_key,
+                                   Customer.current_membership_id)
+                            .join(Customer, Customer.id == Occurrence.customer_id)).all()
+    assert fired == len(rows) == (2 if conditions == ['plan != "monthly"'] else 3)
+    assert all(m == current and scope == f"cycle:{current}" for m, scope, current in rows), rows
