@@ -700,8 +700,12 @@ class Evaluator:
         # The current membership's id from the customer row (ingestion keeps it, and never
         # deletes a membership): where nothing else reads the membership, the databases drop
         # the outer join, a row lookup per candidate (SQLite: 0.12 s of 0.6 s for a schedule
-        # trigger's 33,000 occurrences at a million customers).
-        membership_id = c.c.current_membership_id
+        # trigger's 33,000 occurrences at a million customers). A date trigger reads the
+        # membership anyway, and takes its key from it: SQLite tests a term in the first loop
+        # that has its columns, and a scope key over the customer row alone would put the
+        # probe of the occurrences below before the anchor date's test when the customers
+        # drive the read (a settled slot's ids).
+        membership_id = m.c.id if isinstance(when, RelativeWhen) else c.c.current_membership_id
         if once == Scope.PER_CYCLE:
             scope = literal("cycle:") + cast(func.coalesce(membership_id, 0), String)
         elif once == Scope.EVER:
