@@ -3,8 +3,9 @@
 A customer's stage can change for two reasons only: their data changed (ingestion bumps
 `change_seq`), or time moved a day count in a stage condition across one of the constants it is
 compared with (`days_until_membership_end > 30` flips on the day the membership end comes within
-31 days). `may_have_changed` turns the second into index range scans on the anchor columns, so a
-full tick recomputes the stages of the customers near a boundary instead of the whole base.
+30 days: the count steps from 31 to 30). `may_have_changed` turns the second into index range
+scans on the anchor columns, so a full tick recomputes the stages of the customers near a
+boundary instead of the whole base.
 """
 
 from __future__ import annotations
