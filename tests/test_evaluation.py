@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from sqlalchemy import Engine, event, func, select
@@ -16,6 +17,8 @@ from engine.evaluation import Evaluator, TickKind
 from engine.ingest import CustomerIn, EventIn, Ingestor, MembershipIn
 from engine.models import Customer, Message, Occurrence, StageChange
 from tests.conftest import make_trigger
+
+T = TypeVar("T")
 
 
 def seed(db: Engine, clock: FixedClock) -> Ingestor:
@@ -36,6 +39,25 @@ def seed(db: Engine, clock: FixedClock) -> Ingestor:
                      starts_on=today - timedelta(days=400), ends_on=today - timedelta(days=35)),
     ])
     return ing
+
+
+def occurrence_plans(db: Engine, run: Callable[[], T]) -> tuple[T, list[list[Any]]]:
+    """`run()`'s result, and the plan of each occurrence INSERT it executed: explained in the
+    tick's own connection as it runs (an incremental tick's copies are that connection's
+    temporary tables), EXPLAIN QUERY PLAN rows on SQLite, EXPLAIN lines on PostgreSQL."""
+    prefix = "EXPLAIN QUERY PLAN " if db.dialect.name == "sqlite" else "EXPLAIN "
+    plans: list[list[Any]] = []
+
+    def explain(conn: Any, cursor: Any, statement: str, params: Any, *args: Any) -> None:
+        if statement.startswith("INSERT INTO occurrences"):
+            plans.append(cursor.connection.execute(prefix + statement, params).fetchall())
+
+    event.listen(db, "after_cursor_execute", explain)
+    try:
+        result = run()
+    finally:
+        event.remove(db, "after_cursor_execute", explain)
+    return result, plans
 
 
 def stages(db: Engine) -> dict[str, str | None]:
@@ -347,18 +369,9 @@ def test_sqlite_reads_the_changed_customers_due_by_the_copies_anchor_index(
     evaluator.tick()
     clock.advance(timedelta(minutes=5))
     ingest.events([EventIn(customer_external_id="bob", kind="visit", occurred_at=clock.now())])
-    plans: list[list[str]] = []
-
-    def explain(conn: Any, cursor: Any, statement: str, params: Any, *args: Any) -> None:
-        # in the tick's own connection: the copies are its temporary tables
-        if statement.startswith("INSERT INTO occurrences"):
-            plans.append([row[3] for row in cursor.connection.execute(
-                "EXPLAIN QUERY PLAN " + statement, params)])
-
-    event.listen(db, "after_cursor_execute", explain)
-    evaluator.tick(kind=TickKind.INCREMENTAL)
-    event.remove(db, "after_cursor_execute", explain)
+    _, explained = occurrence_plans(db, lambda: evaluator.tick(kind=TickKind.INCREMENTAL))
     db.dispose()
+    plans = [[row[3] for row in rows] for rows in explained]
     assert len(plans) == 1
     reads = [step for step in plans[0] if step.startswith(("SEARCH", "SCAN"))]
     # each anchor date of the zones (a multi-index OR where they differ), then the customers
@@ -382,19 +395,9 @@ def test_a_trigger_reads_the_memberships_only_for_what_its_conditions_use(
     seed(db, clock)
     trig = make_trigger(id="t", when={"schedule": "0 * * * *"}, conditions=conditions,
                         once="per_cycle", holdout="50%")
-    plans: list[str] = []
-
-    def explain(conn: Any, cursor: Any, statement: str, params: Any, *args: Any) -> None:
-        if statement.startswith("INSERT INTO occurrences"):
-            plans.append("\n".join(str(row) for row in cursor.connection.execute(
-                ("EXPLAIN QUERY PLAN " if db.dialect.name == "sqlite" else "EXPLAIN ")
-                + statement, params).fetchall()))
-
-    event.listen(db, "after_cursor_execute", explain)
-    try:
-        fired = Evaluator(db, project_config, [trig], clock).tick().occurrences["t"]
-    finally:
-        event.remove(db, "after_cursor_execute", explain)
+    result, explained = occurrence_plans(db, Evaluator(db, project_config, [trig], clock).tick)
+    fired = result.occurrences["t"]
+    plans = ["\n".join(str(row) for row in rows) for rows in explained]
     assert len(plans) == 1
     read = ("SEARCH m " in plans[0] or "SCAN m" in plans[0] if db.dialect.name == "sqlite"
             else " on memberships m" in plans[0])
