@@ -260,6 +260,8 @@ class Occurrence(Base):
     channel: Mapped[str | None] = mapped_column(String(32))
     status: Mapped[str] = mapped_column(String(16), default=OccurrenceStatus.MESSAGE)
     reason: Mapped[str | None] = mapped_column(String(256))
+    # the customer's address on `channel` while the occurrence is to be sent (migration 0006)
+    recipient: Mapped[str | None] = mapped_column(String(320))
     # the contact policy's deferral (quiet hours): the message is not sent before this instant
     not_before: Mapped[datetime | None]
 
