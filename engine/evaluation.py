@@ -772,26 +772,42 @@ class Evaluator:
             return 0
         candidates, customers = found
         trig = loaded.trigger
-        # The assignment is written over the candidates' own expressions, in one flat SELECT:
-        # no subquery layers for the database to flatten, nor column proxies to build per tick.
+        # The assignment is written over the candidates' own expressions, in the SELECT that
+        # reads them: no subquery layers between for the database to flatten.
         cols: dict[str, ColumnElement[Any]] = {
             col.name: col.element if isinstance(col, Label) else col
             for col in candidates.selected_columns}
         assigned = self._assignment(trig, cols, customers)
+        # The recipient is the contact column of the channel chosen: read over a subquery, so
+        # that the channel's expression (with the contact policy, a consent probe per channel)
+        # is computed once per row. Its OFFSET keeps both databases from merging it into the
+        # outer SELECT, which would copy the expression. The outbox INSERT then reads the
+        # tick's occurrences alone, not every messaged customer's row again.
+        contact = sorted(set(self.contact.values()))
+        fired = candidates.with_only_columns(
+            cols["customer_id"].label("customer_id"), cols["scope_key"].label("scope_key"),
+            cols["membership_id"].label("membership_id"), cols["event_id"].label("event_id"),
+            cols["stage"].label("stage"), assigned.arm.label("arm"),
+            assigned.variant.label("variant"), assigned.channel.label("channel"),
+            assigned.status.label("status"), assigned.reason.label("reason"),
+            *(cols[column].label(column) for column in contact),
+        ).offset(0).subquery("fired")
+        recipient = case(
+            (fired.c.status == str(OccurrenceStatus.MESSAGE),
+             case({name: fired.c[column] for name, column in self.contact.items()},
+                  value=fired.c.channel, else_=null())),
+            else_=null()) if self.contact else null()
         stmt = insert_ignore(conn, Occurrence.__table__).from_select(
             ["trigger_id", "customer_id", "scope_key", "membership_id", "event_id",
              "rule_file_version_id", "tick_id", "fired_at", "stage", "arm", "variant", "channel",
-             "status", "reason"],
-            candidates.with_only_columns(
-                literal(trig.id).label("trigger_id"), cols["customer_id"].label("customer_id"),
-                cols["scope_key"].label("scope_key"),
-                cols["membership_id"].label("membership_id"), cols["event_id"].label("event_id"),
+             "status", "reason", "recipient"],
+            select(
+                literal(trig.id).label("trigger_id"), fired.c.customer_id, fired.c.scope_key,
+                fired.c.membership_id, fired.c.event_id,
                 literal(version_id, BigInteger).label("rule_file_version_id"),
                 literal(tick_id).label("tick_id"), literal(now).label("fired_at"),
-                cols["stage"].label("stage"),
-                assigned.arm.label("arm"), assigned.variant.label("variant"),
-                assigned.channel.label("channel"), assigned.status.label("status"),
-                assigned.reason.label("reason"))
+                fired.c.stage, fired.c.arm, fired.c.variant, fired.c.channel, fired.c.status,
+                fired.c.reason, recipient.label("recipient"))
             # SQLite needs a WHERE to read ON CONFLICT after INSERT ... SELECT unambiguously.
             .where(true()),
         )
@@ -895,7 +911,6 @@ class Evaluator:
 
     def _build_outbox_insert(self, policy: bool) -> Any:
         o = table(Occurrence)
-        c = table(Customer)
         templates: dict[str, ColumnElement[Any]] = {}
         for loaded in self.triggers:
             trig = loaded.trigger
@@ -904,8 +919,6 @@ class Evaluator:
             templates[trig.id] = case(*overrides, else_=literal(trig.action.template)) \
                 if overrides else literal(trig.action.template)
         template = case(templates, value=o.c.trigger_id, else_=null()) if templates else null()
-        recipient = case(*((o.c.channel == name, c.c[col]) for name, col in self.contact.items()),
-                         else_=null())
         costs = self.config.policy.cost if policy else {}
         cost = case(*((o.c.channel == name, literal(value)) for name, value in costs.items()),
                     else_=null()) if costs else cast(null(), Float)
@@ -914,9 +927,8 @@ class Evaluator:
         return insert(Message).from_select(
             ["occurrence_id", "customer_id", "trigger_id", "channel", "template", "recipient",
              "status", "due_at", "created_at", "attempts", "cost"],
-            select(o.c.id, o.c.customer_id, o.c.trigger_id, o.c.channel, template, recipient,
+            select(o.c.id, o.c.customer_id, o.c.trigger_id, o.c.channel, template, o.c.recipient,
                    literal(str(MessageStatus.QUEUED)), due, now, literal(0), cost)
-            .select_from(o.join(c, c.c.id == o.c.customer_id))
             .where(o.c.tick_id == bindparam("outbox_tick", type_=Integer()),
                    o.c.status == str(OccurrenceStatus.MESSAGE)),
         )

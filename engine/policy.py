@@ -462,4 +462,4 @@ class ContactPolicy:
                        literal(limit.label)),
                       else_=literal("lower_priority than ") + ranked.c.winner)
         return (update(o).where(o.c.id == ranked.c.id, ranked.c.rank + ranked.c.used > k)
-                .values(status=SKIPPED, reason=reason, not_before=null()))
+                .values(status=SKIPPED, reason=reason, not_before=null(), recipient=null()))

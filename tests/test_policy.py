@@ -16,7 +16,7 @@ from engine.config import ConsentDefaults, FrequencyCap, PolicyFile, ProjectConf
 from engine.dispatch import Dispatcher
 from engine.evaluation import Evaluator
 from engine.ingest import ConsentIn, CustomerIn, EventIn, Ingestor, MembershipIn
-from engine.models import Message, Occurrence
+from engine.models import Customer, Message, Occurrence
 from engine.policy import next_opening
 from engine.templates import TemplateStore
 from tests.conftest import ROOT, Loaded, make_trigger
@@ -223,6 +223,41 @@ def test_segments_restrict_channels_and_cap_sms_per_cycle(
 
 
 # caps, budget, priority --------------------------------------------------------------------------
+
+def test_an_occurrence_records_its_recipient_only_while_it_is_to_be_sent(
+        db: Engine, project_config: ProjectConfig) -> None:
+    """The recipient is the contact point of the channel chosen (a fallback's included), written
+    with the occurrence and copied to the outbox; held-out and skipped occurrences have none,
+    a message the frequency cap stops after the channel was chosen included."""
+    policy = PolicyFile(consent=ConsentDefaults(marketing_otherwise="granted"), quiet_hours={},
+                        frequency_caps=[FrequencyCap(max=1, per=timedelta(days=1))],
+                        cycle_budget=None)
+    clock = FixedClock(datetime(2026, 3, 3, 18, 0))
+    people = {f"c{i:02}": f"+1415555{i:04}" for i in range(20)}
+    people["nophone"] = None
+    for who, phone in people.items():
+        ing = customer(db, clock, who, phone=phone)
+        visit(ing, clock, who)
+    triggers = [on_visit("promo", action={"fallback": ["email"]}, priority=90, holdout=0.3),
+                on_visit("invite", channel="email", priority=40),
+                on_visit("sms-receipt", purpose="transactional")]
+    Evaluator(db, config(project_config, policy), triggers, clock).tick()
+    with db.connect() as conn:
+        occurrences = conn.execute(select(
+            Occurrence.id, Occurrence.customer_id, Occurrence.channel, Occurrence.status,
+            Occurrence.reason, Occurrence.recipient)).all()
+        contacts = {row.id: {"email": row.email, "sms": row.phone}
+                    for row in conn.execute(select(Customer.id, Customer.email, Customer.phone))}
+        sent = dict(conn.execute(select(Message.occurrence_id, Message.recipient)).all())
+    for row in occurrences:
+        expected = contacts[row.customer_id][row.channel] if row.status == "message" else None
+        assert row.recipient == expected, row
+    assert sent == {row.id: row.recipient for row in occurrences if row.status == "message"}
+    seen = {(row.status, (row.reason or "").split(" ")[0], row.channel) for row in occurrences}
+    assert {("message", "", "sms"), ("message", "", "email"), ("held_out", "holdout", "sms"),
+            ("skipped", "lower_priority", "email"),
+            ("skipped", "no_contact_point", None)} <= seen, seen
+
 
 def test_two_triggers_the_same_day_under_a_daily_cap_the_higher_priority_wins(
         db: Engine, project_config: ProjectConfig) -> None:
