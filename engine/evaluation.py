@@ -205,8 +205,6 @@ class _Assigned:
     arm: ColumnElement[Any]
     variant: ColumnElement[Any]
     channel: ColumnElement[Any]
-    status: ColumnElement[Any]
-    reason: ColumnElement[Any]
     anchors: tuple[Any, ...]  # the objects whose ids key the entry, kept alive with it
 
 
@@ -778,25 +776,20 @@ class Evaluator:
             col.name: col.element if isinstance(col, Label) else col
             for col in candidates.selected_columns}
         assigned = self._assignment(trig, cols, customers)
-        # The recipient is the contact column of the channel chosen: read over a subquery, so
-        # that the channel's expression (with the contact policy, a consent probe per channel)
-        # is computed once per row. Its OFFSET keeps both databases from merging it into the
-        # outer SELECT, which would copy the expression. The outbox INSERT then reads the
-        # tick's occurrences alone, not every messaged customer's row again.
-        contact = sorted(set(self.contact.values()))
+        # Status, reason and recipient are read over a subquery of arm and channel, so that
+        # neither is computed again for them: the channel's expression holds, with the contact
+        # policy, a consent probe per channel, and the arm a hash (neither database shares a
+        # repeated expression). Its OFFSET keeps both databases from merging it into the outer
+        # SELECT, which would copy the expressions back. With the recipient written here, the
+        # outbox INSERT reads the tick's occurrences alone, not every messaged customer again.
         fired = candidates.with_only_columns(
             cols["customer_id"].label("customer_id"), cols["scope_key"].label("scope_key"),
             cols["membership_id"].label("membership_id"), cols["event_id"].label("event_id"),
             cols["stage"].label("stage"), assigned.arm.label("arm"),
             assigned.variant.label("variant"), assigned.channel.label("channel"),
-            assigned.status.label("status"), assigned.reason.label("reason"),
-            *(cols[column].label(column) for column in contact),
+            *(cols[column].label(column) for column in sorted(set(self.contact.values()))),
         ).offset(0).subquery("fired")
-        recipient = case(
-            (fired.c.status == str(OccurrenceStatus.MESSAGE),
-             case({name: fired.c[column] for name, column in self.contact.items()},
-                  value=fired.c.channel, else_=null())),
-            else_=null()) if self.contact else null()
+        status, reason, recipient = self._decision(trig, fired)
         stmt = insert_ignore(conn, Occurrence.__table__).from_select(
             ["trigger_id", "customer_id", "scope_key", "membership_id", "event_id",
              "rule_file_version_id", "tick_id", "fired_at", "stage", "arm", "variant", "channel",
@@ -806,8 +799,8 @@ class Evaluator:
                 fired.c.membership_id, fired.c.event_id,
                 literal(version_id, BigInteger).label("rule_file_version_id"),
                 literal(tick_id).label("tick_id"), literal(now).label("fired_at"),
-                fired.c.stage, fired.c.arm, fired.c.variant, fired.c.channel, fired.c.status,
-                fired.c.reason, recipient.label("recipient"))
+                fired.c.stage, fired.c.arm, fired.c.variant, fired.c.channel,
+                status.label("status"), reason.label("reason"), recipient.label("recipient"))
             # SQLite needs a WHERE to read ON CONFLICT after INSERT ... SELECT unambiguously.
             .where(true()),
         )
@@ -817,7 +810,7 @@ class Evaluator:
 
     def _assignment(self, trig: Trigger, cols: dict[str, ColumnElement[Any]],
                     customers: FromClause) -> _Assigned:
-        """Arm, variant, channel, status and reason of the trigger's occurrences, as expressions
+        """Arm, variant and channel of the trigger's occurrences, as expressions
         over the candidates' columns; built once per trigger, contact policy (or none) and source
         of customer rows, not per tick: the columns are those of that source and of its one
         membership alias (`_context`), the same objects every tick."""
@@ -827,30 +820,45 @@ class Evaluator:
             return built
         arm, variant = self._arm_and_variant(trig, cols)
         channel = self._channel(trig, {**cols, "variant": variant})
+        if self.policy is not None:
+            # The policy's choice: the policy then skips, with their reasons, the few rows it
+            # left without a channel (`ContactPolicy.apply`). Held-out occurrences keep the
+            # channel a contact point allows (they are never sent).
+            chosen = self.policy.channel_sql(trig, customers, variant, cols["customer_id"])
+            channel = chosen if arm is None else case((arm == "holdout", channel), else_=chosen)
+        # the key's objects are kept with the entry, so that their ids are not reused
+        assigned = _Assigned(literal("treatment") if arm is None else arm, variant, channel,
+                             (self.policy, customers))
+        self._assignments[key] = assigned
+        return assigned
+
+    def _decision(self, trig: Trigger, fired: FromClause,
+                  ) -> tuple[ColumnElement[Any], ColumnElement[Any], ColumnElement[Any]]:
+        """Status, reason and recipient of the trigger's occurrences over the columns of
+        `fired` (their arm, channel and contact points): held out, skipped for want of a
+        contact point (with the contact policy, the policy skips those itself, with each
+        channel's reason), or a message to the chosen channel's contact point."""
         whens: list[tuple[ColumnElement[bool], ColumnElement[Any]]] = []
         reasons: list[tuple[ColumnElement[bool], ColumnElement[Any]]] = []
-        if arm is not None:
-            held = arm == "holdout"
+        if trig.holdout > 0:
+            held = fired.c.arm == "holdout"
             whens.append((held, literal(str(OccurrenceStatus.HELD_OUT))))
             reasons.append((held, literal("holdout")))
         if self.policy is None:
-            whens.append((channel.is_(None), literal(str(OccurrenceStatus.SKIPPED))))
-            reasons.append((channel.is_(None), literal("no_contact_point")))
-        else:
-            # The policy's choice, computed once per row: the policy then skips, with their
-            # reasons, the few rows it left without a channel (`ContactPolicy.apply`). Held-out
-            # occurrences keep the channel a contact point allows (they are never sent).
-            chosen = self.policy.channel_sql(trig, customers, variant, cols["customer_id"])
-            channel = chosen if arm is None else case((arm == "holdout", channel), else_=chosen)
+            missing = fired.c.channel.is_(None)
+            whens.append((missing, literal(str(OccurrenceStatus.SKIPPED))))
+            reasons.append((missing, literal("no_contact_point")))
         status: ColumnElement[Any] = literal(str(OccurrenceStatus.MESSAGE))
         reason: ColumnElement[Any] = null()
         if whens:
             status, reason = case(*whens, else_=status), case(*reasons, else_=reason)
-        # the key's objects are kept with the entry, so that their ids are not reused
-        assigned = _Assigned(literal("treatment") if arm is None else arm, variant, channel,
-                             status, reason, (self.policy, customers))
-        self._assignments[key] = assigned
-        return assigned
+        # NULL where the channel is (no contact point)
+        recipient: ColumnElement[Any] = case(
+            {name: fired.c[column] for name, column in self.contact.items()},
+            value=fired.c.channel, else_=null()) if self.contact else null()
+        if trig.holdout > 0:
+            recipient = case((fired.c.arm == "holdout", null()), else_=recipient)
+        return status, reason, recipient
 
     def _arm_and_variant(self, trig: Trigger, cols: dict[str, ColumnElement[Any]],
                          ) -> tuple[ColumnElement[Any] | None, ColumnElement[Any]]:

@@ -9,8 +9,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, event, literal_column, select
 
+from engine.assignment import bucket_sql
 from engine.clock import FixedClock
 from engine.config import ConsentDefaults, FrequencyCap, PolicyFile, ProjectConfig, SegmentPolicy
 from engine.dispatch import Dispatcher
@@ -257,6 +258,43 @@ def test_an_occurrence_records_its_recipient_only_while_it_is_to_be_sent(
     assert {("message", "", "sms"), ("message", "", "email"), ("held_out", "holdout", "sms"),
             ("skipped", "lower_priority", "email"),
             ("skipped", "no_contact_point", None)} <= seen, seen
+
+
+@pytest.mark.parametrize("with_policy", [True, False])
+def test_the_holdout_hash_is_computed_once_for_the_arm_and_once_for_the_policy_channel(
+        db: Engine, project_config: ProjectConfig, with_policy: bool) -> None:
+    """Status, reason and recipient read the arm and channel the occurrence INSERT has
+    computed, not the hash again (neither database shares a repeated expression): the arm
+    computes it, and with the contact policy the channel too (held-out rows keep the channel a
+    contact point allows, without the policy's probes)."""
+    clock = FixedClock(datetime(2026, 3, 3, 18, 0))
+    for who in ("ann", "bob"):
+        visit(customer(db, clock, who), clock, who)
+    ev = Evaluator(db, config(project_config, QUIET_ONLY),
+                   [on_visit("promo", action={"fallback": ["email"]}, holdout=0.5)], clock)
+    if not with_policy:
+        ev.policy = None
+    # how often one bucket's text holds its first constant (each step squares the previous)
+    one = str(bucket_sql(literal_column("c"), literal_column("m"), 7).compile(
+        dialect=db.dialect, compile_kwargs={"literal_binds": True})).count("1000003")
+    hashes: list[int] = []
+
+    def count(conn: Any, cursor: Any, statement: str, params: Any, *args: Any) -> None:
+        if statement.startswith("INSERT INTO occurrences"):
+            if isinstance(params, dict):  # named: one value per bind, placed where it is used
+                found = sum(statement.count(f"%({key})s")
+                            for key, value in params.items() if value == 1_000_003)
+            else:  # positional: one value per place
+                found = sum(1 for value in params if value == 1_000_003)
+            hashes.append(found)
+
+    event.listen(db, "before_cursor_execute", count)
+    try:
+        result = ev.tick()
+    finally:
+        event.remove(db, "before_cursor_execute", count)
+    assert hashes == [(2 if with_policy else 1) * one]
+    assert result.occurrences == {"promo": 2}
 
 
 def test_two_triggers_the_same_day_under_a_daily_cap_the_higher_priority_wins(
