@@ -46,6 +46,7 @@ from sqlalchemy import (
     Insert,
     Integer,
     MetaData,
+    Select,
     String,
     Table,
     Update,
@@ -94,6 +95,11 @@ def _at_risk_table(limits: int) -> Table:
                  *(Column(f"used_{j}", Integer, nullable=False) for j in range(limits)),
                  prefixes=["TEMPORARY"])
 
+def _over(counts: Table, j: int, k: int) -> ColumnElement[bool]:
+    """The customer's messages in the tick could take them over the limit `j` of `k`."""
+    return counts.c[f"used_{j}"] + counts.c.tick_n > k
+
+
 MESSAGE = str(OccurrenceStatus.MESSAGE)
 SKIPPED = str(OccurrenceStatus.SKIPPED)
 NO_CONTACT = "no_contact_point"
@@ -136,7 +142,8 @@ class PolicyReport:
 class _Statements:
     refuse: Update
     budgets: list[tuple[str, Update]]
-    at_risk: tuple[Table, Insert] | None  # the counts and what fills them; None: no limits
+    # the counts, what fills them and which limits have a customer at risk; None: no limits
+    at_risk: tuple[Table, Insert, Select[Any]] | None
 
 
 @dataclass(frozen=True)
@@ -195,11 +202,16 @@ class ContactPolicy:
         budgets = self._statements.budgets
         if budgets:
             assert self._statements.at_risk is not None
-            counts, fill = self._statements.at_risk
+            counts, fill, risky = self._statements.at_risk
             empty_scratch(conn, counts)
             conn.execute(fill, params)
-            for kind, statement in budgets:
-                report.skip(kind, int(conn.execute(statement, params).rowcount or 0))
+            # A limit no customer can exceed in this tick stops nothing (the skips of the limits
+            # before it only lower what it ranks): its UPDATE, a pass over the tick's marketing
+            # messages, is not run. In a steady tick that is most of them.
+            at_risk = conn.execute(risky).one()
+            for (kind, statement), any_at_risk in zip(budgets, at_risk, strict=True):
+                if any_at_risk:
+                    report.skip(kind, int(conn.execute(statement, params).rowcount or 0))
         return report
 
     @property
@@ -377,7 +389,7 @@ class ContactPolicy:
                               where=(o.c.channel == cap.channel,) if cap.channel else ()))
         return out
 
-    def _at_risk(self, limits: Sequence[_Limit]) -> tuple[Table, Insert]:
+    def _at_risk(self, limits: Sequence[_Limit]) -> tuple[Table, Insert, Select[Any]]:
         """The counts every limit reads, in one pass over the outbox of the tick's marketing
         customers: each limit's ranking UPDATE then reads them by key instead of counting the
         customer's messages again, and passes over the customers whose messages in the tick
@@ -415,7 +427,10 @@ class ContactPolicy:
             .select_from(grouped.outerjoin(m, counted)
                          .outerjoin(mo, mo.c.id == m.c.occurrence_id))
             .group_by(*columns))
-        return counts, fill
+        # whether any customer is at risk of each limit, in one pass over the counts
+        risky = select(*(func.coalesce(func.max(case((_over(counts, j, limit.k), 1), else_=0)), 0)
+                         for j, limit in enumerate(limits)))
+        return counts, fill, risky
 
     @staticmethod
     def _in_segment(o: Any, segment: str) -> ColumnElement[bool]:
@@ -438,13 +453,12 @@ class ContactPolicy:
         over the limit are ranked."""
         o = table(Occurrence)
         k = limit.k
-        used_j = counts.c[f"used_{j}"]
-        used = (select(used_j).where(counts.c.customer_id == o.c.customer_id,
+        used = (select(counts.c[f"used_{j}"]).where(counts.c.customer_id == o.c.customer_id,
                                      counts.c.membership_key
                                      == func.coalesce(o.c.membership_id, 0))
                 .scalar_subquery())
         at_risk = o.c.customer_id.in_(select(counts.c.customer_id)
-                                      .where(used_j + counts.c.tick_n > k))
+                                      .where(_over(counts, j, k)))
         partition = [o.c.customer_id, o.c.channel] if limit.channel else [o.c.customer_id]
         order = [self._priority(o).desc(), o.c.trigger_id]
         ranked = (select(o.c.id,

@@ -327,6 +327,39 @@ def test_two_triggers_the_same_day_under_a_daily_cap_the_higher_priority_wins(
     assert [d[1] for d in decisions(db)[6:]] == ["skipped", "message", "message"]
 
 
+def test_only_the_limits_a_customer_could_exceed_in_the_tick_rank_its_messages(
+        db: Engine, project_config: ProjectConfig) -> None:
+    """Each cap's ranking UPDATE runs only when some customer's messages in the tick and
+    counted messages could take them over it: none for a first message, the daily cap's alone
+    for a second message the same day (3 per 7 days still has room), which stops it."""
+    policy = PolicyFile(consent=ConsentDefaults(marketing_otherwise="granted"), quiet_hours={},
+                        frequency_caps=[FrequencyCap(max=1, per=timedelta(days=1)),
+                                        FrequencyCap(max=3, per=timedelta(days=7))],
+                        cycle_budget=None)
+    clock = FixedClock(datetime(2026, 3, 3, 18, 0))
+    ing = customer(db, clock)
+    ev = Evaluator(db, config(project_config, policy), [on_visit("promo", channel="email")],
+                   clock)
+    ranked: list[int] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.startswith("UPDATE occurrences") and "ranked" in statement:
+            ranked[-1] += 1
+
+    event.listen(db, "before_cursor_execute", count)
+    try:
+        for _ in range(2):
+            ranked.append(0)
+            visit(ing, clock)
+            ev.tick()
+            clock.advance(timedelta(hours=1))
+    finally:
+        event.remove(db, "before_cursor_execute", count)
+    assert ranked == [0, 1]
+    assert decisions(db) == [("promo", "message", "email", None),
+                             ("promo", "skipped", "email", "frequency_cap 1 per 1d")]
+
+
 def test_a_single_firing_is_capped_by_earlier_messages_in_the_longest_window(
         db: Engine, project_config: ProjectConfig) -> None:
     """One marketing message per tick: only the messages already sent can fill a cap, here
