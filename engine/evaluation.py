@@ -102,7 +102,7 @@ from engine.models import (
     TriggerState,
     table,
 )
-from engine.policy import ContactPolicy
+from engine.policy import REFUSED, ContactPolicy
 from engine.rulefile import (
     Anchor,
     EventWhen,
@@ -789,7 +789,7 @@ class Evaluator:
             assigned.variant.label("variant"), assigned.channel.label("channel"),
             *(cols[column].label(column) for column in sorted(set(self.contact.values()))),
         ).offset(0).subquery("fired")
-        status, reason, recipient = self._decision(trig, fired)
+        channel, status, reason, recipient = self._decision(trig, fired)
         stmt = insert_ignore(conn, Occurrence.__table__).from_select(
             ["trigger_id", "customer_id", "scope_key", "membership_id", "event_id",
              "rule_file_version_id", "tick_id", "fired_at", "stage", "arm", "variant", "channel",
@@ -799,7 +799,7 @@ class Evaluator:
                 fired.c.membership_id, fired.c.event_id,
                 literal(version_id, BigInteger).label("rule_file_version_id"),
                 literal(tick_id).label("tick_id"), literal(now).label("fired_at"),
-                fired.c.stage, fired.c.arm, fired.c.variant, fired.c.channel,
+                fired.c.stage, fired.c.arm, fired.c.variant, channel.label("channel"),
                 status.label("status"), reason.label("reason"), recipient.label("recipient"))
             # SQLite needs a WHERE to read ON CONFLICT after INSERT ... SELECT unambiguously.
             .where(true()),
@@ -821,10 +821,9 @@ class Evaluator:
         arm, variant = self._arm_and_variant(trig, cols)
         channel = self._channel(trig, {**cols, "variant": variant})
         if self.policy is not None:
-            # The policy's choice: the policy then skips, with their reasons, the few rows it
-            # left without a channel (`ContactPolicy.apply`). Held-out occurrences keep the
-            # channel a contact point allows (they are never sent).
-            chosen = self.policy.channel_sql(trig, customers, variant, cols["customer_id"])
+            # The policy's choice, or the reasons none can take it (`_decision` reads them).
+            # Held-out occurrences keep the channel a contact point allows (never sent).
+            chosen = self.policy.decision_sql(trig, customers, variant, cols["customer_id"])
             channel = chosen if arm is None else case((arm == "holdout", channel), else_=chosen)
         # the key's objects are kept with the entry, so that their ids are not reused
         assigned = _Assigned(literal("treatment") if arm is None else arm, variant, channel,
@@ -832,14 +831,14 @@ class Evaluator:
         self._assignments[key] = assigned
         return assigned
 
-    def _decision(self, trig: Trigger, fired: FromClause,
-                  ) -> tuple[ColumnElement[Any], ColumnElement[Any], ColumnElement[Any]]:
-        """Status, reason and recipient of the trigger's occurrences over the columns of
-        `fired` (their arm, channel and contact points): held out, skipped for want of a
-        contact point (with the contact policy, the policy skips those itself, with each
-        channel's reason), or a message to the chosen channel's contact point."""
+    def _decision(self, trig: Trigger, fired: FromClause) -> tuple[ColumnElement[Any], ...]:
+        """Channel, status, reason and recipient of the trigger's occurrences over the columns
+        of `fired` (their arm, channel and contact points): held out, skipped for want of a
+        channel (with the contact policy, the policy's reasons for each channel), or a message
+        to the chosen channel's contact point."""
         whens: list[tuple[ColumnElement[bool], ColumnElement[Any]]] = []
         reasons: list[tuple[ColumnElement[bool], ColumnElement[Any]]] = []
+        channel: ColumnElement[Any] = fired.c.channel
         if trig.holdout > 0:
             held = fired.c.arm == "holdout"
             whens.append((held, literal(str(OccurrenceStatus.HELD_OUT))))
@@ -848,17 +847,22 @@ class Evaluator:
             missing = fired.c.channel.is_(None)
             whens.append((missing, literal(str(OccurrenceStatus.SKIPPED))))
             reasons.append((missing, literal("no_contact_point")))
+        else:
+            refused = func.substr(fired.c.channel, 1, len(REFUSED)) == REFUSED
+            whens.append((refused, literal(str(OccurrenceStatus.SKIPPED))))
+            reasons.append((refused, func.substr(fired.c.channel, len(REFUSED) + 1)))
+            channel = case((refused, null()), else_=fired.c.channel)
         status: ColumnElement[Any] = literal(str(OccurrenceStatus.MESSAGE))
         reason: ColumnElement[Any] = null()
         if whens:
             status, reason = case(*whens, else_=status), case(*reasons, else_=reason)
-        # NULL where the channel is (no contact point)
+        # NULL where the channel is, or holds the reasons none could take it
         recipient: ColumnElement[Any] = case(
             {name: fired.c[column] for name, column in self.contact.items()},
             value=fired.c.channel, else_=null()) if self.contact else null()
         if trig.holdout > 0:
             recipient = case((fired.c.arm == "holdout", null()), else_=recipient)
-        return status, reason, recipient
+        return channel, status, reason, recipient
 
     def _arm_and_variant(self, trig: Trigger, cols: dict[str, ColumnElement[Any]],
                          ) -> tuple[ColumnElement[Any] | None, ColumnElement[Any]]:

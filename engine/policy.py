@@ -9,7 +9,7 @@ round trip per customer):
    customer's segment, and, for a trigger with `in_quiet_hours: fallback`, open now in the
    customer's time zone. None: `skipped` with each channel's reason
    (`no_consent (sms); no_contact_point (email)`). The evaluator writes each occurrence with the
-   chosen channel (`channel_sql`); this step only skips the rows left without one.
+   chosen channel, or skipped with the reasons (`decision_sql`); this step counts those.
 2. **quiet hours**: a message due while its channel is closed in the customer's local time is
    deferred to the next local opening (`deferred: quiet_hours until 2026-03-09T08:00-07:00`);
    the outbox message is due then. Local times come from `zoneinfo`, so daylight-saving days
@@ -101,6 +101,8 @@ def _over(counts: Table, j: int, k: int) -> ColumnElement[bool]:
 
 
 MESSAGE = str(OccurrenceStatus.MESSAGE)
+# the start of `decision_sql`'s value where no channel can take an occurrence: its reasons follow
+REFUSED = "!"
 SKIPPED = str(OccurrenceStatus.SKIPPED)
 NO_CONTACT = "no_contact_point"
 
@@ -140,7 +142,7 @@ class PolicyReport:
 
 @dataclass(frozen=True)
 class _Statements:
-    refuse: Update
+    refused: Select[Any]
     budgets: list[tuple[str, Update]]
     # the counts, what fills them and which limits have a customer at risk; None: no limits
     at_risk: tuple[Table, Insert, Select[Any]] | None
@@ -192,10 +194,10 @@ class ContactPolicy:
     def apply(self, conn: Connection, params: dict[str, Any], now: datetime,
               zones: Collection[str], in_zones: InZones, by_zone: ByZone) -> PolicyReport:
         """Channel refusals, deferral and budgets for the occurrences of the tick `params` are
-        bound to, whose channels the evaluator chose with `channel_sql`."""
+        bound to, whose channels the evaluator chose with `decision_sql`."""
         report = PolicyReport()
         tick_id = params["policy_tick"]
-        report.skip("channel", int(conn.execute(self._statements.refuse, params).rowcount or 0))
+        report.skip("channel", int(conn.execute(self._statements.refused, params).scalar_one()))
         closed = {name: set(params[f"closed_{i}"])
                   for i, name in enumerate(self._quiet_channels)}
         self._defer(conn, tick_id, now, zones, closed, in_zones, by_zone, report)
@@ -223,28 +225,25 @@ class ContactPolicy:
             at_risk = self._at_risk(limits) if limits else None
             budgets = [] if at_risk is None else [
                 (limit.kind, self._limit(j, limit, at_risk[0])) for j, limit in enumerate(limits)]
-            self._built = _Statements(self._refuse_statement(), budgets, at_risk)
+            self._built = _Statements(self._refused_statement(), budgets, at_risk)
         return self._built
 
     # 1. channel ----------------------------------------------------------------------------------
 
-    def _refuse_statement(self) -> Update:
-        """Skip the tick's occurrences no channel could take, with each channel's reason."""
+    def _refused_statement(self) -> Select[Any]:
+        """How many of the tick's occurrences no channel could take (the evaluator wrote them
+        skipped, without a channel; held-out ones keep theirs or are `held_out`)."""
         o = table(Occurrence)
-        c = table(Customer)
-        known = sorted(self.triggers)
-        reasons = case({tid: self.refusal_sql(self.triggers[tid], c, o.c.variant,
-                                              o.c.customer_id) for tid in known},
-                       value=o.c.trigger_id, else_=literal("unavailable"))
-        return (update(o).where(o.c.tick_id == bindparam("policy_tick", type_=Integer),
-                                o.c.status == MESSAGE, o.c.channel.is_(None),
-                                c.c.id == o.c.customer_id)
-                .values(status=SKIPPED, reason=reasons))
+        return select(func.count()).where(
+            o.c.tick_id == bindparam("policy_tick", type_=Integer), o.c.status == SKIPPED,
+            o.c.channel.is_(None))
 
-    def channel_sql(self, trig: Trigger, c: FromClause, variant: ColumnElement[Any],
-                    customer_id: ColumnElement[Any]) -> ColumnElement[Any]:
-        """The channel an occurrence of `trig` goes out on (NULL: none can take it), over the
-        customer row `c`, the occurrence's `variant` and its customer's id; bound by `params`."""
+    def decision_sql(self, trig: Trigger, c: FromClause, variant: ColumnElement[Any],
+                     customer_id: ColumnElement[Any]) -> ColumnElement[Any]:
+        """The channel an occurrence of `trig` goes out on, over the customer row `c`, the
+        occurrence's `variant` and its customer's id, bound by `params`; where none can take
+        it, `REFUSED` and each channel's reason (`!no_consent (sms); no_contact_point
+        (email)`): one expression, so that the reasons are worked out only for those rows."""
         wait = trig.action.in_quiet_hours == "wait"
 
         def first(names: list[str]) -> ColumnElement[Any]:
@@ -253,31 +252,17 @@ class ContactPolicy:
             if not wait:  # nothing open now: wait for the first channel that is otherwise fine
                 whens += [(self._can(ch, trig, c, customer_id, quiet=False), literal(ch))
                           for ch in names]
-            return case(*whens, else_=null())
+            reasons = [self._why_not(ch, trig, c, customer_id, quiet=not wait) for ch in names]
+            refused = literal(REFUSED) + reasons[0]
+            for part in reasons[1:]:
+                refused = refused + literal("; ") + part
+            return case(*whens, else_=refused)
 
         default, variants = self._channel_lists(trig)
         if not variants:
             return first(default)
         return case(*((variant == name, first(chs)) for name, chs in variants.items()),
                     else_=first(default))
-
-    def refusal_sql(self, trig: Trigger, c: FromClause, variant: ColumnElement[Any],
-                    customer_id: ColumnElement[Any]) -> ColumnElement[Any]:
-        """Why no channel can take it: each channel's reason (`no_consent (sms); ...`)."""
-        wait = trig.action.in_quiet_hours == "wait"
-
-        def joined(names: list[str]) -> ColumnElement[Any]:
-            parts = [self._why_not(ch, trig, c, customer_id, quiet=not wait) for ch in names]
-            out = parts[0]
-            for part in parts[1:]:
-                out = out + literal("; ") + part
-            return out
-
-        default, variants = self._channel_lists(trig)
-        if not variants:
-            return joined(default)
-        return case(*((variant == name, joined(chs)) for name, chs in variants.items()),
-                    else_=joined(default))
 
     def _channel_lists(self, trig: Trigger) -> tuple[list[str], dict[str, list[str]]]:
         """The trigger's channels in order of preference, and each variant's own if it has one."""

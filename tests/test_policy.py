@@ -198,6 +198,36 @@ def test_consent_required_by_default_and_an_opt_out_mid_cycle_stops_later_market
     assert decisions(db)[-1] == ("sms-promo", "skipped", None, "no_consent (sms)")
 
 
+def test_an_occurrence_no_channel_can_take_is_written_skipped_with_its_reasons(
+        db: Engine, project_config: ProjectConfig) -> None:
+    """The occurrence INSERT writes the refusal and its reasons itself (the reasons are worked
+    out only for those rows): no UPDATE rewrites the tick's occurrences afterwards, and the
+    tick still reports what the policy stopped."""
+    policy = PolicyFile(consent=ConsentDefaults(marketing={"email": "granted", "sms": "required"}),
+                        quiet_hours={}, frequency_caps=[], cycle_budget=None)
+    clock = FixedClock(datetime(2026, 3, 3, 18, 0))
+    ing = customer(db, clock)
+    visit(ing, clock)
+    ev = Evaluator(db, config(project_config, policy),
+                   [on_visit("sms-promo"), on_visit("promo", action={"fallback": ["email"]})],
+                   clock)
+    updates: list[str] = []
+
+    def keep(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.startswith("UPDATE occurrences"):
+            updates.append(statement)
+
+    event.listen(db, "before_cursor_execute", keep)
+    try:
+        result = ev.tick()
+    finally:
+        event.remove(db, "before_cursor_execute", keep)
+    assert decisions(db) == [("sms-promo", "skipped", None, "no_consent (sms)"),
+                             ("promo", "message", "email", None)]
+    assert result.stopped == {"channel": 1} and result.messages == 1
+    assert updates == []
+
+
 def test_segments_restrict_channels_and_cap_sms_per_cycle(
         db: Engine, project_config: ProjectConfig) -> None:
     policy = PolicyFile(consent=ConsentDefaults(marketing_otherwise="granted"), quiet_hours={},
