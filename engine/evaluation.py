@@ -4,10 +4,10 @@ A tick, in one transaction:
 1. computes every customer's lifecycle stage and records the changes (`engine.lifecycle`);
 2. for each trigger, selects the customers for whom it is due (its `when`), in its stages, whose
    conditions hold, and inserts one occurrence per (trigger, customer, re-entry scope) with its
-   holdout arm, variant and channel (the contact policy's choice) — the unique key makes a
-   second tick, or a second process, a no-op;
-3. applies the rest of the contact policy (refusals, quiet hours, limits) to the new occurrences,
-   and turns the treated ones into outbox messages.
+   holdout arm, variant, channel (the contact policy's choice, or its reasons for none) and
+   recipient — the unique key makes a second tick, or a second process, a no-op;
+3. applies the rest of the contact policy (quiet hours, limits) to the new occurrences, and
+   turns the treated ones into outbox messages.
 
 An incremental tick restricts steps 1-2 to customers whose data changed since the previous tick,
 read from temporary copies of them and their memberships made once per tick; event and

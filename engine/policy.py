@@ -193,8 +193,8 @@ class ContactPolicy:
 
     def apply(self, conn: Connection, params: dict[str, Any], now: datetime,
               zones: Collection[str], in_zones: InZones, by_zone: ByZone) -> PolicyReport:
-        """Channel refusals, deferral and budgets for the occurrences of the tick `params` are
-        bound to, whose channels the evaluator chose with `decision_sql`."""
+        """Deferral and budgets for the occurrences of the tick `params` are bound to, whose
+        channels (or refusals) the evaluator wrote with `decision_sql`; the refusals counted."""
         report = PolicyReport()
         tick_id = params["policy_tick"]
         report.skip("channel", int(conn.execute(self._statements.refused, params).scalar_one()))
