@@ -5,8 +5,9 @@ and the reasons recorded for every decision."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from sqlalchemy import Engine, event, literal_column, select
@@ -22,6 +23,7 @@ from engine.policy import next_opening
 from engine.templates import TemplateStore
 from tests.conftest import ROOT, Loaded, make_trigger
 
+T = TypeVar("T")
 LA = "America/Los_Angeles"
 PHONE = "+14155550100"
 # consent by default, the default quiet hours (SMS and chat 08:00-21:00), no caps, no budget
@@ -69,6 +71,21 @@ def outbox(db: Engine) -> list[tuple[str, str, datetime]]:
     with db.connect() as conn:
         return [tuple(r) for r in conn.execute(  # type: ignore[misc]
             select(Message.trigger_id, Message.channel, Message.due_at).order_by(Message.id))]
+
+
+def executed(db: Engine, run: Callable[[], T]) -> tuple[T, list[tuple[str, Any]]]:
+    """`run()`'s result, and every statement (with its parameters) it executed on `db`."""
+    seen: list[tuple[str, Any]] = []
+
+    def keep(conn: Any, cursor: Any, statement: str, params: Any, *args: Any) -> None:
+        seen.append((statement, params))
+
+    event.listen(db, "before_cursor_execute", keep)
+    try:
+        result = run()
+    finally:
+        event.remove(db, "before_cursor_execute", keep)
+    return result, seen
 
 
 # quiet hours -------------------------------------------------------------------------------------
@@ -211,21 +228,11 @@ def test_an_occurrence_no_channel_can_take_is_written_skipped_with_its_reasons(
     ev = Evaluator(db, config(project_config, policy),
                    [on_visit("sms-promo"), on_visit("promo", action={"fallback": ["email"]})],
                    clock)
-    updates: list[str] = []
-
-    def keep(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if statement.startswith("UPDATE occurrences"):
-            updates.append(statement)
-
-    event.listen(db, "before_cursor_execute", keep)
-    try:
-        result = ev.tick()
-    finally:
-        event.remove(db, "before_cursor_execute", keep)
+    result, seen = executed(db, ev.tick)
     assert decisions(db) == [("sms-promo", "skipped", None, "no_consent (sms)"),
                              ("promo", "message", "email", None)]
     assert result.stopped == {"channel": 1} and result.messages == 1
-    assert updates == []
+    assert [st for st, _ in seen if st.startswith("UPDATE occurrences")] == []
 
 
 def test_segments_restrict_channels_and_cap_sms_per_cycle(
@@ -307,22 +314,12 @@ def test_the_holdout_hash_is_computed_once_for_the_arm_and_once_for_the_policy_c
     # how often one bucket's text holds its first constant (each step squares the previous)
     one = str(bucket_sql(literal_column("c"), literal_column("m"), 7).compile(
         dialect=db.dialect, compile_kwargs={"literal_binds": True})).count("1000003")
-    hashes: list[int] = []
-
-    def count(conn: Any, cursor: Any, statement: str, params: Any, *args: Any) -> None:
-        if statement.startswith("INSERT INTO occurrences"):
-            if isinstance(params, dict):  # named: one value per bind, placed where it is used
-                found = sum(statement.count(f"%({key})s")
-                            for key, value in params.items() if value == 1_000_003)
-            else:  # positional: one value per place
-                found = sum(1 for value in params if value == 1_000_003)
-            hashes.append(found)
-
-    event.listen(db, "before_cursor_execute", count)
-    try:
-        result = ev.tick()
-    finally:
-        event.remove(db, "before_cursor_execute", count)
+    result, seen = executed(db, ev.tick)
+    hashes = [
+        # named: one value per bind, placed where it is used; positional: one value per place
+        sum(statement.count(f"%({key})s") for key, value in params.items() if value == 1_000_003)
+        if isinstance(params, dict) else sum(1 for value in params if value == 1_000_003)
+        for statement, params in seen if statement.startswith("INSERT INTO occurrences")]
     assert hashes == [(2 if with_policy else 1) * one]
     assert result.occurrences == {"promo": 2}
 
@@ -371,20 +368,12 @@ def test_only_the_limits_a_customer_could_exceed_in_the_tick_rank_its_messages(
     ev = Evaluator(db, config(project_config, policy), [on_visit("promo", channel="email")],
                    clock)
     ranked: list[int] = []
-
-    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if statement.startswith("UPDATE occurrences") and "ranked" in statement:
-            ranked[-1] += 1
-
-    event.listen(db, "before_cursor_execute", count)
-    try:
-        for _ in range(2):
-            ranked.append(0)
-            visit(ing, clock)
-            ev.tick()
-            clock.advance(timedelta(hours=1))
-    finally:
-        event.remove(db, "before_cursor_execute", count)
+    for _ in range(2):
+        visit(ing, clock)
+        _, seen = executed(db, ev.tick)
+        ranked.append(sum(1 for st, _ in seen
+                          if st.startswith("UPDATE occurrences") and "ranked" in st))
+        clock.advance(timedelta(hours=1))
     assert ranked == [0, 1]
     assert decisions(db) == [("promo", "message", "email", None),
                              ("promo", "skipped", "email", "frequency_cap 1 per 1d")]
