@@ -4,15 +4,15 @@ TOUCHPOINTS_TEST_POSTGRES_URL names a server), the repository's config, triggers
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from ruamel.yaml import YAML
-from sqlalchemy import Engine, delete, text
+from sqlalchemy import Engine, delete, event, text
 
 from engine.clock import FixedClock
 from engine.conditions import Condition, compile_condition
@@ -103,6 +103,18 @@ class Loaded:
     conditions: list[Condition]
     path: str = "rules/test.yaml"
     sha256: str = "0" * 64
+
+
+T = TypeVar("T")
+
+
+def listening(db: Engine, name: str, listener: Callable[..., None], run: Callable[[], T]) -> T:
+    """`run()`'s result, with `listener` on `db`'s cursor event `name` while it runs."""
+    event.listen(db, name, listener)
+    try:
+        return run()
+    finally:
+        event.remove(db, name, listener)
 
 
 def make_trigger(**fields: Any) -> Loaded:

@@ -16,7 +16,7 @@ from engine.db import analyze_if_grown, make_engine, migrate
 from engine.evaluation import Evaluator, TickKind
 from engine.ingest import CustomerIn, EventIn, Ingestor, MembershipIn
 from engine.models import Customer, Message, Occurrence, StageChange
-from tests.conftest import make_trigger
+from tests.conftest import listening, make_trigger
 
 T = TypeVar("T")
 
@@ -52,12 +52,7 @@ def occurrence_plans(db: Engine, run: Callable[[], T]) -> tuple[T, list[list[Any
         if statement.startswith("INSERT INTO occurrences"):
             plans.append(cursor.connection.execute(prefix + statement, params).fetchall())
 
-    event.listen(db, "after_cursor_execute", explain)
-    try:
-        result = run()
-    finally:
-        event.remove(db, "after_cursor_execute", explain)
-    return result, plans
+    return listening(db, "after_cursor_execute", explain, run), plans
 
 
 def stages(db: Engine) -> dict[str, str | None]:

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import pytest
-from sqlalchemy import Engine, event, literal_column, select
+from sqlalchemy import Engine, literal_column, select
 
 from engine.assignment import bucket_sql
 from engine.clock import FixedClock
@@ -21,7 +21,7 @@ from engine.ingest import ConsentIn, CustomerIn, EventIn, Ingestor, MembershipIn
 from engine.models import Customer, Message, Occurrence
 from engine.policy import next_opening
 from engine.templates import TemplateStore
-from tests.conftest import ROOT, Loaded, make_trigger
+from tests.conftest import ROOT, Loaded, listening, make_trigger
 
 T = TypeVar("T")
 LA = "America/Los_Angeles"
@@ -80,12 +80,7 @@ def executed(db: Engine, run: Callable[[], T]) -> tuple[T, list[tuple[str, Any]]
     def keep(conn: Any, cursor: Any, statement: str, params: Any, *args: Any) -> None:
         seen.append((statement, params))
 
-    event.listen(db, "before_cursor_execute", keep)
-    try:
-        result = run()
-    finally:
-        event.remove(db, "before_cursor_execute", keep)
-    return result, seen
+    return listening(db, "before_cursor_execute", keep, run), seen
 
 
 # quiet hours -------------------------------------------------------------------------------------
