@@ -95,6 +95,7 @@ def _at_risk_table(limits: int) -> Table:
                  *(Column(f"used_{j}", Integer, nullable=False) for j in range(limits)),
                  prefixes=["TEMPORARY"])
 
+
 def _over(counts: Table, j: int, k: int) -> ColumnElement[bool]:
     """The customer's messages in the tick could take them over the limit `j` of `k`."""
     return counts.c[f"used_{j}"] + counts.c.tick_n > k
