@@ -258,6 +258,8 @@ class Evaluator:
         self._stages_key = f"{self.lifecycle.fingerprint}:{self.default_tz}"
         self.holder = holder or f"{socket.gethostname()}:{os.getpid()}"
         self.contact = {name: ch.contact for name, ch in config.channels.channels.items()}
+        # the customer columns holding contact points: read with every candidate
+        self._contact_columns = sorted(set(self.contact.values()))
         # the contact policy (config/policy.yaml); off only to measure or test without it
         self.policy = ContactPolicy(config.policy, self.contact,
                                     [t.trigger for t in self.triggers]) if policy else None
@@ -736,7 +738,7 @@ class Evaluator:
         return select(
             c.c.id.label("customer_id"), membership_id.label("membership_id"),
             event_id.label("event_id"), scope.label("scope_key"), c.c.stage.label("stage"),
-            *(c.c[column] for column in sorted(set(self.contact.values()))),
+            *(c.c[column] for column in self._contact_columns),
         ).select_from(joined).where(*filters), c
 
     def _day_count_ranges(self, loaded: LoadedTriggerLike, now: datetime, c: FromClause, *,
@@ -787,7 +789,7 @@ class Evaluator:
             cols["membership_id"].label("membership_id"), cols["event_id"].label("event_id"),
             cols["stage"].label("stage"), assigned.arm.label("arm"),
             assigned.variant.label("variant"), assigned.channel.label("channel"),
-            *(cols[column].label(column) for column in sorted(set(self.contact.values()))),
+            *(cols[column].label(column) for column in self._contact_columns),
         ).offset(0).subquery("fired")
         channel, status, reason, recipient = self._decision(trig, fired)
         stmt = insert_ignore(conn, Occurrence.__table__).from_select(
