@@ -71,8 +71,6 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.sql.functions import FunctionElement
 
 from engine.assignment import (
     BUCKETS,
@@ -113,6 +111,7 @@ from engine.rulefile import (
     StageWhen,
     Trigger,
 )
+from engine.sqlfn import unindexed
 
 __all__ = ["Evaluator", "TickBusy", "TickKind", "TickResult", "local_dates"]
 
@@ -1000,30 +999,6 @@ class Evaluator:
                         event_watermark=bindparam("s_events", type_=BigInteger()),
                         stage_watermark=bindparam("s_stages", type_=BigInteger()),
                         last_tick_at=bindparam("s_now", type_=t.c.last_tick_at.type)))
-
-
-class unindexed(FunctionElement[Any]):  # noqa: N801 - reads as a SQL function
-    """A column's value, written so that SQLite's planner does not read the term through an
-    index: a unary + (its documented way). Other databases get the bare column: PostgreSQL
-    weighs the indexes by their statistics."""
-
-    inherit_cache = True
-
-    def __init__(self, column: ColumnElement[Any]) -> None:
-        super().__init__(column)
-        self.type = column.type
-
-
-@compiles(unindexed, "sqlite")
-def _unindexed_sqlite(element: unindexed, compiler: Any, **kw: Any) -> str:
-    (column,) = list(element.clauses)
-    return f"(+{compiler.process(column, **kw)})"
-
-
-@compiles(unindexed)
-def _unindexed_default(element: unindexed, compiler: Any, **kw: Any) -> str:
-    (column,) = list(element.clauses)
-    return str(compiler.process(column, **kw))
 
 
 @functools.lru_cache(maxsize=1024)

@@ -56,6 +56,7 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    literal_column,
     not_,
     null,
     or_,
@@ -76,6 +77,7 @@ from engine.models import (
     table,
 )
 from engine.rulefile import Trigger
+from engine.sqlfn import among, unindexed
 
 __all__ = ["ContactPolicy", "PolicyReport", "next_opening"]
 
@@ -182,7 +184,7 @@ class ContactPolicy:
         """The values the policy's expressions and statements are bound to in one tick: the tick,
         the zones where each quiet-hours channel is shut now (`closed_<i>`, and whether the
         club's zone is one of them: `closed_<i>_club`), the start of each cap's window."""
-        params: dict[str, Any] = {"policy_tick": tick_id}
+        params: dict[str, Any] = {"policy_tick": tick_id, "policy_now": now}
         for i, name in enumerate(self._quiet_channels):
             window = self.policy.quiet_hours[name]
             shut = {tz for tz in zones if next_opening(window, tz, now) is not None}
@@ -443,8 +445,18 @@ class ContactPolicy:
                                      counts.c.membership_key
                                      == func.coalesce(o.c.membership_id, 0))
                 .scalar_subquery())
-        at_risk = o.c.customer_id.in_(select(counts.c.customer_id)
-                                      .where(_over(counts, j, k)))
+        # The tick's messages of the customers at risk, read through the customers' index of
+        # occurrences (customer, fired_at): a steady tick has a few thousand such messages among
+        # tens of thousands. The other indexed terms are kept off their indexes: the tick's own
+        # (`tick_id + 0`: PostgreSQL's statistics do not know a tick just written, take it for
+        # one row and would read all of its messages through it, probing the counts for each),
+        # and on SQLite the triggers' (the occurrences' key), which holds every earlier tick's.
+        at_risk = and_(among(o.c.customer_id, select(counts.c.customer_id)
+                             .where(_over(counts, j, k))),
+                       o.c.fired_at == bindparam("policy_now", type_=DateTime()),
+                       o.c.tick_id + literal_column("0")
+                       == bindparam("policy_tick", type_=Integer),
+                       unindexed(o.c.trigger_id).in_(self.marketing))
         partition = [o.c.customer_id, o.c.channel] if limit.channel else [o.c.customer_id]
         order = [self._priority(o).desc(), o.c.trigger_id]
         ranked = (select(o.c.id,
@@ -453,9 +465,7 @@ class ContactPolicy:
                          func.first_value(o.c.trigger_id).over(partition_by=partition,
                                                                order_by=order).label("winner"),
                          used.label("used"))
-                  .where(o.c.tick_id == bindparam("policy_tick", type_=Integer),
-                         o.c.status == MESSAGE, o.c.trigger_id.in_(self.marketing),
-                         at_risk, *limit.where)
+                  .where(at_risk, o.c.status == MESSAGE, *limit.where)
                   .subquery("ranked"))
         # `lower_priority` only when another trigger of this tick took the room
         reason = case((or_(ranked.c.used >= k, ranked.c.winner == o.c.trigger_id),

@@ -374,6 +374,46 @@ def test_only_the_limits_a_customer_could_exceed_in_the_tick_rank_its_messages(
                              ("promo", "skipped", "email", "frequency_cap 1 per 1d")]
 
 
+def test_a_cap_reads_the_messages_of_the_customers_at_risk_through_their_index(
+        db: Engine, project_config: ProjectConfig) -> None:
+    """The ranking UPDATE reads the tick's messages of the customers its counts put at risk
+    through the occurrences' (customer, fired_at) index, not every message of the tick through
+    the tick's index (PostgreSQL: with sequential scans off, as on a base too large for them)."""
+    policy = PolicyFile(consent=ConsentDefaults(marketing_otherwise="granted"), quiet_hours={},
+                        frequency_caps=[FrequencyCap(max=1, per=timedelta(days=1))],
+                        cycle_budget=None)
+    clock = FixedClock(datetime(2026, 3, 3, 18, 0))
+    ing = customer(db, clock)
+    ev = Evaluator(db, config(project_config, policy),
+                   [on_visit("promo", channel="email"), on_visit("invite", channel="email")],
+                   clock)
+    plans: list[str] = []
+
+    def explain(conn: Any, cursor: Any, statement: str, params: Any, *args: Any) -> None:
+        if not (statement.startswith("UPDATE occurrences") and "ranked" in statement):
+            return
+        if db.dialect.name == "sqlite":
+            cursor.execute(f"EXPLAIN QUERY PLAN {statement}", params)
+            plans.append("\n".join(row[3] for row in cursor.fetchall()))
+        else:
+            cursor.execute("SET enable_seqscan = off")
+            cursor.execute(f"EXPLAIN {statement}", params)
+            plans.append("\n".join(row[0] for row in cursor.fetchall()))
+            cursor.execute("RESET enable_seqscan")
+
+    visit(ing, clock)
+    listening(db, "before_cursor_execute", explain, ev.tick)
+    assert decisions(db) == [("promo", "skipped", "email", "lower_priority than invite"),
+                             ("invite", "message", "email", None)]  # a tie: the trigger id
+    assert len(plans) == 1
+    if db.dialect.name == "sqlite":
+        assert ("SEARCH occurrences USING INDEX ix_occurrences_customer_id_fired_at "
+                "(customer_id=? AND fired_at=?)") in plans[0]
+    else:
+        assert "Index Scan using ix_occurrences_customer_id_fired_at" in plans[0]
+        assert "ix_occurrences_tick_id" not in plans[0]
+
+
 def test_a_single_firing_is_capped_by_earlier_messages_in_the_longest_window(
         db: Engine, project_config: ProjectConfig) -> None:
     """One marketing message per tick: only the messages already sent can fill a cap, here
