@@ -87,9 +87,10 @@ ByZone = Callable[[dict[str, Any], Any], ColumnElement[Any]]
 
 def _at_risk_table(limits: int) -> Table:
     """The tick's marketing customers with their counts (`ContactPolicy._at_risk`): one row per
-    customer and membership (key 0: none) of the tick's messages, with the customer's number of
-    messages in the tick and the counted messages under each limit, refilled in each tick's
-    transaction; a temporary table, private to its connection, named by its number of limits."""
+    customer of the tick's messages, with the membership they were sent under (key 0: none),
+    the customer's number of messages in the tick and the counted messages under each limit,
+    refilled in each tick's transaction; a temporary table, private to its connection, named by
+    its number of limits."""
     return Table(f"policy_at_risk_{limits}", MetaData(),
                  Column("customer_id", BigInteger, primary_key=True),
                  Column("membership_key", BigInteger, primary_key=True),
@@ -386,13 +387,16 @@ class ContactPolicy:
         o = table(Occurrence)
         m = table(Message)
         mo = table(Occurrence).alias("counted")
-        membership = func.coalesce(o.c.membership_id, 0)
-        grouped = (select(o.c.customer_id, membership.label("membership_key"),
-                          func.sum(func.count()).over(partition_by=o.c.customer_id)
-                          .label("tick_n"))
+        # A customer's occurrences in one tick carry one membership: the customer's current
+        # one, which the tick does not change. So one group per customer gives both the
+        # customer's messages in the tick and their membership, without a window over the
+        # (customer, membership) groups, which both databases sorted the tick's messages for.
+        grouped = (select(o.c.customer_id,
+                          func.max(func.coalesce(o.c.membership_id, 0)).label("membership_key"),
+                          func.count().label("tick_n"))
                    .where(o.c.tick_id == bindparam("policy_tick", type_=Integer),
                           o.c.status == MESSAGE, o.c.trigger_id.in_(self.marketing))
-                   .group_by(o.c.customer_id, membership).subquery("tick"))
+                   .group_by(o.c.customer_id).subquery("tick"))
         counted = and_(m.c.customer_id == grouped.c.customer_id,
                        m.c.trigger_id.in_(self.marketing), m.c.status != MessageStatus.FAILED)
 
