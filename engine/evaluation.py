@@ -492,8 +492,11 @@ class Evaluator:
                                            self._by_zone)
                 result.deferred = report.deferred
                 result.stopped = report.skipped
-            result.held_out, result.skipped, result.messages = self._to_outbox(conn, tick_id,
-                                                                               now)
+            result.held_out, result.skipped, result.messages, refused = self._to_outbox(
+                conn, tick_id, now)
+            if self.policy is not None and refused:
+                # written skipped without a channel by the INSERTs' `decision_sql`
+                result.stopped = {"channel": refused, **result.stopped}
             # a first tick over a new base writes most of these tables' rows: the next statements
             # (and ticks, before autovacuum) must not be planned for empty tables. Only when the
             # tick at least doubled them: ordinary growth is autovacuum's.
@@ -901,21 +904,24 @@ class Evaluator:
             whens.append((and_(column.is_not(None), column != ""), literal(name)))
         return case(*whens, else_=null())
 
-    def _to_outbox(self, conn: Connection, tick_id: int, now: datetime) -> tuple[int, int, int]:
+    def _to_outbox(self, conn: Connection, tick_id: int,
+                   now: datetime) -> tuple[int, int, int, int]:
         """The tick's occurrences with status `message` become queued messages, every trigger in
-        one INSERT; (held out, skipped, messages) of the tick."""
+        one INSERT; (held out, skipped, messages, skipped without a channel) of the tick."""
         o = table(Occurrence)
+        skipped = o.c.status == str(OccurrenceStatus.SKIPPED)
         # one pass with a count per status, not a GROUP BY: PostgreSQL plans the tick's rows as
         # one and sorted them for it, spilling tens of thousands to disk
-        def counted(status: OccurrenceStatus) -> ColumnElement[int]:
-            return func.count().filter(o.c.status == str(status))
-
-        held_out, skipped, messages = conn.execute(
-            select(counted(OccurrenceStatus.HELD_OUT), counted(OccurrenceStatus.SKIPPED),
-                   counted(OccurrenceStatus.MESSAGE)).where(o.c.tick_id == tick_id)).one()
+        counts = conn.execute(select(
+            func.count().filter(o.c.status == str(OccurrenceStatus.HELD_OUT)),
+            func.count().filter(skipped),
+            func.count().filter(o.c.status == str(OccurrenceStatus.MESSAGE)),
+            func.count().filter(skipped, o.c.channel.is_(None)),
+        ).where(o.c.tick_id == tick_id)).one()
         conn.execute(self._outbox_insert(self.policy is not None),
                      {"outbox_tick": tick_id, "outbox_now": now})
-        return int(held_out), int(skipped), int(messages)
+        held_out, skipped_n, messages, no_channel = (int(n) for n in counts)
+        return held_out, skipped_n, messages, no_channel
 
     def _outbox_insert(self, policy: bool) -> Any:
         """The outbox INSERT, built once (per policy mode): the tick and its instant are bound

@@ -146,7 +146,6 @@ class PolicyReport:
 
 @dataclass(frozen=True)
 class _Statements:
-    refused: Select[Any]
     budgets: list[tuple[str, Update]]
     # the counts, what fills them and which limits have a customer at risk; None: no limits
     at_risk: tuple[Table, Insert, Select[Any]] | None
@@ -198,10 +197,10 @@ class ContactPolicy:
     def apply(self, conn: Connection, params: dict[str, Any], now: datetime,
               zones: Collection[str], in_zones: InZones, by_zone: ByZone) -> PolicyReport:
         """Deferral and budgets for the occurrences of the tick `params` are bound to, whose
-        channels (or refusals) the evaluator wrote with `decision_sql`; the refusals counted."""
+        channels (or refusals) the evaluator wrote with `decision_sql`. The evaluator counts the
+        refusals, with the tick's other statuses."""
         report = PolicyReport()
         tick_id = params["policy_tick"]
-        report.skip("channel", int(conn.execute(self._statements.refused, params).scalar_one()))
         closed = {name: set(params[f"closed_{i}"])
                   for i, name in enumerate(self._quiet_channels)}
         self._defer(conn, tick_id, now, zones, closed, in_zones, by_zone, report)
@@ -229,18 +228,10 @@ class ContactPolicy:
             at_risk = self._at_risk(limits) if limits else None
             budgets = [] if at_risk is None else [
                 (limit.kind, self._limit(j, limit, at_risk[0])) for j, limit in enumerate(limits)]
-            self._built = _Statements(self._refused_statement(), budgets, at_risk)
+            self._built = _Statements(budgets, at_risk)
         return self._built
 
     # 1. channel ----------------------------------------------------------------------------------
-
-    def _refused_statement(self) -> Select[Any]:
-        """How many of the tick's occurrences no channel could take (the evaluator wrote them
-        skipped, without a channel; held-out ones keep theirs or are `held_out`)."""
-        o = table(Occurrence)
-        return select(func.count()).where(
-            o.c.tick_id == bindparam("policy_tick", type_=Integer), o.c.status == SKIPPED,
-            o.c.channel.is_(None))
 
     def decision_sql(self, trig: Trigger, c: FromClause, variant: ColumnElement[Any],
                      customer_id: ColumnElement[Any]) -> ColumnElement[Any]:
