@@ -9,7 +9,8 @@ round trip per customer):
    customer's segment, and, for a trigger with `in_quiet_hours: fallback`, open now in the
    customer's time zone. None: `skipped` with each channel's reason
    (`no_consent (sms); no_contact_point (email)`). The evaluator writes each occurrence with the
-   chosen channel, or skipped with the reasons (`decision_sql`); this step counts those.
+   chosen channel, or skipped with the reasons (`decision_sql`), and counts the refusals with
+   the tick's other statuses.
 2. **quiet hours**: a message due while its channel is closed in the customer's local time is
    deferred to the next local opening (`deferred: quiet_hours until 2026-03-09T08:00-07:00`);
    the outbox message is due then. Local times come from `zoneinfo`, so daylight-saving days
@@ -20,7 +21,8 @@ round trip per customer):
    `cycle_budget 15/15` or `frequency_cap 1 per 1d` when nothing was left before this tick,
    `lower_priority than <trigger>` when a higher-priority trigger of the same tick took the room.
    The ranking reads only the customers a limit may touch (a temporary table filled once per
-   tick): those with several messages in the tick or earlier messages near a limit.
+   tick): those with several messages in the tick or earlier messages near a limit, and their
+   messages of the tick through the occurrences' customer index.
 
 Every skipped occurrence keeps its reason; deferred ones keep theirs while they are messages.
 Counting for caps and budgets takes every earlier message that was not refused before leaving
