@@ -73,6 +73,21 @@ def outbox(db: Engine) -> list[tuple[str, str, datetime]]:
             select(Message.trigger_id, Message.channel, Message.due_at).order_by(Message.id))]
 
 
+DAILY = FrequencyCap(max=1, per=timedelta(days=1))
+
+
+def limits(*caps: FrequencyCap, cycle_budget: int | None = None, **fields: Any) -> PolicyFile:
+    """A policy of limits alone: marketing consent granted by default, no quiet hours, the
+    frequency `caps` and `cycle_budget` (none unless given), and any other `fields`."""
+    return PolicyFile(consent=ConsentDefaults(marketing_otherwise="granted"), quiet_hours={},
+                      frequency_caps=list(caps), cycle_budget=cycle_budget, **fields)
+
+
+def ranks(statement: str) -> bool:
+    """Whether `statement` is a limit's ranking UPDATE."""
+    return statement.startswith("UPDATE occurrences") and "ranked" in statement
+
+
 def executed(db: Engine, run: Callable[[], T]) -> tuple[T, list[tuple[str, Any]]]:
     """`run()`'s result, and every statement (with its parameters) it executed on `db`."""
     seen: list[tuple[str, Any]] = []
@@ -232,10 +247,8 @@ def test_an_occurrence_no_channel_can_take_is_written_skipped_with_its_reasons(
 
 def test_segments_restrict_channels_and_cap_sms_per_cycle(
         db: Engine, project_config: ProjectConfig) -> None:
-    policy = PolicyFile(consent=ConsentDefaults(marketing_otherwise="granted"), quiet_hours={},
-                        frequency_caps=[], cycle_budget=None,
-                        segments={"C": SegmentPolicy(channels=["email"]),
-                                  "A": SegmentPolicy(max_per_cycle={"sms": 2})})
+    policy = limits(segments={"C": SegmentPolicy(channels=["email"]),
+                              "A": SegmentPolicy(max_per_cycle={"sms": 2})})
     clock = FixedClock(datetime(2026, 3, 3, 18, 0))
     ing = customer(db, clock, "cora", segment="C")
     customer(db, clock, "abe", segment="A")
@@ -262,9 +275,7 @@ def test_an_occurrence_records_its_recipient_only_while_it_is_to_be_sent(
     """The recipient is the contact point of the channel chosen (a fallback's included), written
     with the occurrence and copied to the outbox; held-out and skipped occurrences have none,
     a message the frequency cap stops after the channel was chosen included."""
-    policy = PolicyFile(consent=ConsentDefaults(marketing_otherwise="granted"), quiet_hours={},
-                        frequency_caps=[FrequencyCap(max=1, per=timedelta(days=1))],
-                        cycle_budget=None)
+    policy = limits(DAILY)
     clock = FixedClock(datetime(2026, 3, 3, 18, 0))
     people = {f"c{i:02}": f"+1415555{i:04}" for i in range(20)}
     people["nophone"] = None
@@ -321,9 +332,7 @@ def test_the_holdout_hash_is_computed_once_for_the_arm_and_once_for_the_policy_c
 
 def test_two_triggers_the_same_day_under_a_daily_cap_the_higher_priority_wins(
         db: Engine, project_config: ProjectConfig) -> None:
-    policy = PolicyFile(consent=ConsentDefaults(marketing_otherwise="granted"), quiet_hours={},
-                        frequency_caps=[FrequencyCap(max=1, per=timedelta(days=1))],
-                        cycle_budget=None)
+    policy = limits(DAILY)
     clock = FixedClock(datetime(2026, 3, 3, 18, 0))
     ing = customer(db, clock)
     triggers = [on_visit("class-invite", channel="email", priority=40),
@@ -354,10 +363,7 @@ def test_only_the_limits_a_customer_could_exceed_in_the_tick_rank_its_messages(
     """Each cap's ranking UPDATE runs only when some customer's messages in the tick and
     counted messages could take them over it: none for a first message, the daily cap's alone
     for a second message the same day (3 per 7 days still has room), which stops it."""
-    policy = PolicyFile(consent=ConsentDefaults(marketing_otherwise="granted"), quiet_hours={},
-                        frequency_caps=[FrequencyCap(max=1, per=timedelta(days=1)),
-                                        FrequencyCap(max=3, per=timedelta(days=7))],
-                        cycle_budget=None)
+    policy = limits(DAILY, FrequencyCap(max=3, per=timedelta(days=7)))
     clock = FixedClock(datetime(2026, 3, 3, 18, 0))
     ing = customer(db, clock)
     ev = Evaluator(db, config(project_config, policy), [on_visit("promo", channel="email")],
@@ -366,8 +372,7 @@ def test_only_the_limits_a_customer_could_exceed_in_the_tick_rank_its_messages(
     for _ in range(2):
         visit(ing, clock)
         _, seen = executed(db, ev.tick)
-        ranked.append(sum(1 for st, _ in seen
-                          if st.startswith("UPDATE occurrences") and "ranked" in st))
+        ranked.append(sum(1 for st, _ in seen if ranks(st)))
         clock.advance(timedelta(hours=1))
     assert ranked == [0, 1]
     assert decisions(db) == [("promo", "message", "email", None),
@@ -379,9 +384,7 @@ def test_a_cap_reads_the_messages_of_the_customers_at_risk_through_their_index(
     """The ranking UPDATE reads the tick's messages of the customers its counts put at risk
     through the occurrences' (customer, fired_at) index, not every message of the tick through
     the tick's index (PostgreSQL: with sequential scans off, as on a base too large for them)."""
-    policy = PolicyFile(consent=ConsentDefaults(marketing_otherwise="granted"), quiet_hours={},
-                        frequency_caps=[FrequencyCap(max=1, per=timedelta(days=1))],
-                        cycle_budget=None)
+    policy = limits(DAILY)
     clock = FixedClock(datetime(2026, 3, 3, 18, 0))
     ing = customer(db, clock)
     ev = Evaluator(db, config(project_config, policy),
@@ -390,7 +393,7 @@ def test_a_cap_reads_the_messages_of_the_customers_at_risk_through_their_index(
     plans: list[str] = []
 
     def explain(conn: Any, cursor: Any, statement: str, params: Any, *args: Any) -> None:
-        if not (statement.startswith("UPDATE occurrences") and "ranked" in statement):
+        if not ranks(statement):
             return
         if db.dialect.name == "sqlite":
             cursor.execute(f"EXPLAIN QUERY PLAN {statement}", params)
@@ -418,10 +421,7 @@ def test_a_single_firing_is_capped_by_earlier_messages_in_the_longest_window(
         db: Engine, project_config: ProjectConfig) -> None:
     """One marketing message per tick: only the messages already sent can fill a cap, here
     the 7-day one after the 1-day one has passed."""
-    policy = PolicyFile(consent=ConsentDefaults(marketing_otherwise="granted"), quiet_hours={},
-                        frequency_caps=[FrequencyCap(max=1, per=timedelta(days=1)),
-                                        FrequencyCap(max=2, per=timedelta(days=7))],
-                        cycle_budget=None)
+    policy = limits(DAILY, FrequencyCap(max=2, per=timedelta(days=7)))
     clock = FixedClock(datetime(2026, 3, 3, 18, 0))
     ing = customer(db, clock)
     ev = Evaluator(db, config(project_config, policy), [on_visit("class-invite", "email")],
@@ -437,9 +437,7 @@ def test_a_single_firing_is_capped_by_earlier_messages_in_the_longest_window(
 
 def test_ties_in_priority_are_broken_by_trigger_id(db: Engine,
                                                    project_config: ProjectConfig) -> None:
-    policy = PolicyFile(consent=ConsentDefaults(marketing_otherwise="granted"), quiet_hours={},
-                        frequency_caps=[FrequencyCap(max=1, per=timedelta(days=1))],
-                        cycle_budget=None)
+    policy = limits(DAILY)
     clock = FixedClock(datetime(2026, 3, 3, 18, 0))
     ing = customer(db, clock)
     triggers = [on_visit("zeta", channel="email"), on_visit("alpha", channel="email")]
@@ -451,8 +449,7 @@ def test_ties_in_priority_are_broken_by_trigger_id(db: Engine,
 
 def test_the_sixteenth_marketing_contact_of_a_cycle_is_skipped(
         db: Engine, project_config: ProjectConfig) -> None:
-    policy = PolicyFile(consent=ConsentDefaults(marketing_otherwise="granted"), quiet_hours={},
-                        frequency_caps=[], cycle_budget=15)
+    policy = limits(cycle_budget=15)
     clock = FixedClock(datetime(2026, 3, 3, 18, 0))
     ing = customer(db, clock)
     ev = Evaluator(db, config(project_config, policy),
@@ -477,8 +474,7 @@ def test_the_sixteenth_marketing_contact_of_a_cycle_is_skipped(
 
 def test_several_occurrences_of_one_trigger_in_a_tick_count_against_the_budget(
         db: Engine, project_config: ProjectConfig) -> None:
-    policy = PolicyFile(consent=ConsentDefaults(marketing_otherwise="granted"), quiet_hours={},
-                        frequency_caps=[], cycle_budget=2)
+    policy = limits(cycle_budget=2)
     clock = FixedClock(datetime(2026, 3, 3, 18, 0))
     ing = customer(db, clock)
     for _ in range(3):
@@ -513,9 +509,7 @@ def test_failed_messages_do_not_count_and_deferred_ones_do(db: Engine,
 
 def test_the_policy_writes_costs_and_the_tick_reports_what_it_stopped(
         db: Engine, project_config: ProjectConfig) -> None:
-    policy = PolicyFile(consent=ConsentDefaults(marketing_otherwise="granted"), quiet_hours={},
-                        frequency_caps=[FrequencyCap(max=1, per=timedelta(days=1))],
-                        cycle_budget=None, cost={"email": 0.002, "sms": 0.08})
+    policy = limits(DAILY, cost={"email": 0.002, "sms": 0.08})
     clock = FixedClock(datetime(2026, 3, 3, 18, 0))
     ing = customer(db, clock)
     visit(ing, clock)
@@ -530,8 +524,7 @@ def test_an_evaluator_switched_between_policy_and_none_decides_by_the_current_on
         db: Engine, project_config: ProjectConfig) -> None:
     """The evaluator keeps each trigger's channel and status expressions from tick to tick; they
     belong to the policy they were built with (the benchmark switches it off and on)."""
-    policy = PolicyFile(consent=ConsentDefaults(marketing_otherwise="granted"), quiet_hours={},
-                        frequency_caps=[], cycle_budget=None)
+    policy = limits()
     clock = FixedClock(datetime(2026, 3, 3, 18, 0))
     ing = customer(db, clock, email=None)  # nothing for the email-only trigger to go out on
     customer(db, clock, external_id="bob")
