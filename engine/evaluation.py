@@ -948,9 +948,10 @@ class Evaluator:
         due = func.coalesce(o.c.not_before, now) if policy else now
         return insert(Message).from_select(
             ["occurrence_id", "customer_id", "trigger_id", "channel", "template", "recipient",
-             "status", "due_at", "created_at", "attempts", "cost"],
+             "status", "due_at", "created_at", "attempts", "cost", "membership_id"],
             select(o.c.id, o.c.customer_id, o.c.trigger_id, o.c.channel, template, o.c.recipient,
-                   literal(str(MessageStatus.QUEUED)), due, now, literal(0), cost)
+                   literal(str(MessageStatus.QUEUED)), due, now, literal(0), cost,
+                   o.c.membership_id)
             .where(o.c.tick_id == bindparam("outbox_tick", type_=Integer()),
                    o.c.status == str(OccurrenceStatus.MESSAGE)),
         )

@@ -293,8 +293,14 @@ class Message(Base):
     provider_message_id: Mapped[str | None] = mapped_column(String(128))
     last_error: Mapped[str | None] = mapped_column(Text)
     cost: Mapped[float | None]  # the channel's cost per message (config/policy.yaml)
+    # the occurrence's membership: the cycle the message counts against (migration 0007)
+    membership_id: Mapped[int | None] = mapped_column(BigId)
 
-    __table_args__ = (Index(None, "status", "due_at"), Index(None, "customer_id", "created_at"))
+    # (status, due_at): the dispatcher's claim; (customer_id, membership_id): the contact
+    # policy counts a customer's messages of the current cycle, (customer_id, due_at) those of
+    # a cap's window, each without reading the customer's older messages
+    __table_args__ = (Index(None, "status", "due_at"), Index(None, "customer_id", "due_at"),
+                      Index(None, "customer_id", "membership_id"))
 
 
 class Outcome(Base):

@@ -64,6 +64,7 @@ from sqlalchemy import (
     or_,
     select,
     true,
+    union_all,
     update,
 )
 
@@ -150,7 +151,7 @@ class PolicyReport:
 class _Statements:
     budgets: list[tuple[str, Update]]
     # the counts, what fills them and which limits have a customer at risk; None: no limits
-    at_risk: tuple[Table, Insert, Select[Any]] | None
+    at_risk: tuple[Table, Insert, Update, Select[Any]] | None
 
 
 @dataclass(frozen=True)
@@ -185,7 +186,8 @@ class ContactPolicy:
                default_tz: str) -> dict[str, Any]:
         """The values the policy's expressions and statements are bound to in one tick: the tick,
         the zones where each quiet-hours channel is shut now (`closed_<i>`, and whether the
-        club's zone is one of them: `closed_<i>_club`), the start of each cap's window."""
+        club's zone is one of them: `closed_<i>_club`), the start of each cap's window
+        (`since_<i>`) and of the longest (`policy_window`)."""
         params: dict[str, Any] = {"policy_tick": tick_id, "policy_now": now}
         for i, name in enumerate(self._quiet_channels):
             window = self.policy.quiet_hours[name]
@@ -194,6 +196,8 @@ class ContactPolicy:
             params[f"closed_{i}_club"] = default_tz in shut
         for i, cap in enumerate(self.policy.frequency_caps):
             params[f"since_{i}"] = now - cap.per
+        if self.policy.frequency_caps:
+            params["policy_window"] = now - max(cap.per for cap in self.policy.frequency_caps)
         return params
 
     def apply(self, conn: Connection, params: dict[str, Any], now: datetime,
@@ -209,9 +213,10 @@ class ContactPolicy:
         budgets = self._statements.budgets
         if budgets:
             assert self._statements.at_risk is not None
-            counts, fill, risky = self._statements.at_risk
+            counts, fill, tally, risky = self._statements.at_risk
             empty_scratch(conn, counts)
             conn.execute(fill, params)
+            conn.execute(tally, params)
             # A limit no customer can exceed in this tick stops nothing (the skips of the limits
             # before it only lower what it ranks): its UPDATE, a pass over the tick's marketing
             # messages, is not run. In a steady tick that is most of them.
@@ -371,51 +376,75 @@ class ContactPolicy:
                               where=(o.c.channel == cap.channel,) if cap.channel else ()))
         return out
 
-    def _at_risk(self, limits: Sequence[_Limit]) -> tuple[Table, Insert, Select[Any]]:
-        """The counts every limit reads, in one pass over the outbox of the tick's marketing
-        customers: each limit's ranking UPDATE then reads them by key instead of counting the
-        customer's messages again, and passes over the customers whose messages in the tick
-        and counted messages stay within it (most of a steady tick's customers)."""
+    def _at_risk(self, limits: Sequence[_Limit]) -> tuple[Table, Insert, Update, Select[Any]]:
+        """The counts every limit reads: each limit's ranking UPDATE then reads them by key
+        instead of counting the customer's messages again, and passes over the customers whose
+        messages in the tick and counted messages stay within it (most of a steady tick's
+        customers). Filled in two steps: the tick's marketing customers (`fill`), then their
+        earlier messages (`tally`), read through the outbox's customer indexes: the messages of
+        the current membership, and those of other memberships due within the longest frequency
+        cap's window (`policy_window`), not the customer's whole history."""
         counts = _at_risk_table(len(limits))
         o = table(Occurrence)
         m = table(Message)
-        mo = table(Occurrence).alias("counted")
         # A customer's occurrences in one tick carry one membership: the customer's current
         # one, which the tick does not change. So one group per customer gives both the
         # customer's messages in the tick and their membership, without a window over the
         # (customer, membership) groups, which both databases sorted the tick's messages for.
-        grouped = (select(o.c.customer_id,
-                          func.max(func.coalesce(o.c.membership_id, 0)).label("membership_key"),
-                          func.count().label("tick_n"))
-                   .where(o.c.tick_id == bindparam("policy_tick", type_=Integer),
-                          o.c.status == MESSAGE, o.c.trigger_id.in_(self.marketing))
-                   .group_by(o.c.customer_id).subquery("tick"))
-        counted = and_(m.c.customer_id == grouped.c.customer_id,
-                       m.c.trigger_id.in_(self.marketing), m.c.status != MessageStatus.FAILED)
-
-        def used(limit: _Limit) -> ColumnElement[Any]:
-            # a message row, not the outer join's NULLs (whose membership would compare as
-            # 0, that of a customer without one)
-            terms: list[ColumnElement[bool]] = [m.c.id.is_not(None)]
-            if limit.channel:
-                terms.append(m.c.channel == limit.channel)
-            if limit.cycle:
-                terms.append(func.coalesce(mo.c.membership_id, 0) == grouped.c.membership_key)
-            if limit.since is not None:
-                terms.append(m.c.due_at > limit.since)
-            return func.coalesce(func.sum(case((and_(*terms), 1), else_=0)), 0)
-
-        columns = [grouped.c.customer_id, grouped.c.membership_key, grouped.c.tick_n]
         fill = insert(counts).from_select(
             [col.name for col in counts.columns],
-            select(*columns, *(used(limit) for limit in limits))
-            .select_from(grouped.outerjoin(m, counted)
-                         .outerjoin(mo, mo.c.id == m.c.occurrence_id))
-            .group_by(*columns))
+            select(o.c.customer_id, func.max(func.coalesce(o.c.membership_id, 0)), func.count(),
+                   *(literal_column("0") for _ in limits))
+            .where(o.c.tick_id == bindparam("policy_tick", type_=Integer),
+                   o.c.status == MESSAGE, o.c.trigger_id.in_(self.marketing))
+            .group_by(o.c.customer_id))
+
+        k = counts.alias("tick")
+        counted = and_(m.c.trigger_id.in_(self.marketing), m.c.status != MessageStatus.FAILED)
+
+        def earlier(on: ColumnElement[bool], cycle: bool,
+                    *where: ColumnElement[bool]) -> Select[Any]:
+            """The customers' counted messages joined `on` one index, flagged as of the
+            current membership (`cycle`) or not. The counts drive the join: on SQLite, their
+            key is kept off its index, which would otherwise offer a pass over the outbox."""
+            return (select(k.c.customer_id, m.c.channel, m.c.due_at,
+                           literal_column("1" if cycle else "0").label("cycle"))
+                    .select_from(k.join(m, and_(m.c.customer_id == unindexed(k.c.customer_id),
+                                                on)))
+                    .where(counted, *where))
+
+        window = bindparam("policy_window", type_=DateTime())
+        windowed = any(limit.since is not None for limit in limits)
+        if any(limit.cycle for limit in limits):
+            # key 0 is a customer without a membership, whose messages have none either
+            parts = [earlier(m.c.membership_id == k.c.membership_key, True),
+                     earlier(m.c.membership_id.is_(None), True, k.c.membership_key == 0)]
+            if windowed:
+                parts.append(earlier(m.c.due_at > window, False,
+                                     func.coalesce(m.c.membership_id, 0) != k.c.membership_key))
+        else:
+            parts = [earlier(m.c.due_at > window, False)]
+        found = union_all(*parts).subquery("earlier")
+
+        def used(limit: _Limit) -> ColumnElement[Any]:
+            terms: list[ColumnElement[bool]] = []
+            if limit.channel:
+                terms.append(found.c.channel == limit.channel)
+            if limit.cycle:
+                terms.append(found.c.cycle == 1)
+            if limit.since is not None:
+                terms.append(found.c.due_at > limit.since)
+            return func.sum(case((and_(*terms), 1), else_=0))
+
+        tallied = (select(found.c.customer_id,
+                          *(used(limit).label(f"used_{j}") for j, limit in enumerate(limits)))
+                   .group_by(found.c.customer_id).subquery("tallied"))
+        tally = (update(counts).where(counts.c.customer_id == tallied.c.customer_id)
+                 .values({f"used_{j}": tallied.c[f"used_{j}"] for j in range(len(limits))}))
         # whether any customer is at risk of each limit, in one pass over the counts
         risky = select(*(func.coalesce(func.max(case((_over(counts, j, limit.k), 1), else_=0)), 0)
                          for j, limit in enumerate(limits)))
-        return counts, fill, risky
+        return counts, fill, tally, risky
 
     @staticmethod
     def _in_segment(o: Any, segment: str) -> ColumnElement[bool]:

@@ -116,3 +116,32 @@ def test_the_tables_the_tick_writes_lose_their_foreign_keys_and_keep_their_rows(
                                            "fk_outbox_customer_id_customers"}
     assert _foreign_keys(db, "stage_history") == {"fk_stage_history_customer_id_customers"}
     migrate(db)
+
+
+def test_the_outbox_takes_each_message_s_membership_from_its_occurrence(db: Engine) -> None:
+    """0007 adds `outbox.membership_id`, filled from the messages' occurrences (none where the
+    occurrence has none), and swaps the outbox's (customer, created_at) index for the two the
+    contact policy counts through; downgrading swaps them back."""
+    command.downgrade(alembic_config(db), "0006")
+    at = "'2026-03-02 10:00:00.000000'"
+    with db.begin() as conn:
+        for occurrence, membership in ((11, "5"), (12, "NULL")):
+            conn.exec_driver_sql(
+                "INSERT INTO occurrences (id, trigger_id, customer_id, membership_id, scope_key, "
+                f"tick_id, fired_at, arm, status) VALUES ({occurrence}, 'welcome', 7, "
+                f"{membership}, 'ever-{occurrence}', 1, {at}, 'treatment', 'message')")
+            conn.exec_driver_sql(
+                "INSERT INTO outbox (id, occurrence_id, customer_id, trigger_id, channel, "
+                f"template, status, due_at, created_at, attempts) VALUES ({occurrence + 10}, "
+                f"{occurrence}, 7, 'welcome', 'console', 'welcome.txt', 'queued', {at}, {at}, 0)")
+    migrate(db)
+    with db.connect() as conn:
+        assert conn.execute(select(Message.id, Message.membership_id)
+                            .order_by(Message.id)).all() == [(21, 5), (22, None)]
+    indexes = {i["name"] for i in inspect(db).get_indexes("outbox")}
+    assert {"ix_outbox_customer_id_membership_id", "ix_outbox_customer_id_due_at"} <= indexes
+    assert "ix_outbox_customer_id_created_at" not in indexes
+    command.downgrade(alembic_config(db), "0006")
+    assert "ix_outbox_customer_id_created_at" in {
+        i["name"] for i in inspect(db).get_indexes("outbox")}
+    migrate(db)

@@ -507,6 +507,97 @@ def test_failed_messages_do_not_count_and_deferred_ones_do(db: Engine,
     assert [d[1] for d in decisions(db)] == ["message", "skipped", "message"]
 
 
+def test_a_renewal_starts_a_new_budget_but_not_a_new_cap_window(
+        db: Engine, project_config: ProjectConfig) -> None:
+    """The cycle budget counts the current membership's messages; a frequency cap counts every
+    message in its window, those sent under the membership before a renewal included."""
+    policy = limits(DAILY, cycle_budget=1)
+    clock = FixedClock(datetime(2026, 3, 3, 18, 0))
+    ing = customer(db, clock)
+    ev = Evaluator(db, config(project_config, policy), [on_visit("promo", channel="email")],
+                   clock)
+    visit(ing, clock)
+    ev.tick()
+    clock.advance(timedelta(hours=2))
+    today = clock.now().date()
+    ing.memberships([MembershipIn(external_id="m-ann-2", customer_external_id="ann",
+                                  starts_on=today, ends_on=today + timedelta(days=365))])
+    for hours in (1, 24, 24):
+        clock.advance(timedelta(hours=hours))
+        visit(ing, clock)
+        ev.tick()
+    assert [d[1:] for d in decisions(db)] == [
+        ("message", "email", None), ("skipped", "email", "frequency_cap 1 per 1d"),
+        ("message", "email", None), ("skipped", "email", "cycle_budget 1/1")]
+
+
+def test_a_membership_current_again_counts_its_earlier_messages(
+        db: Engine, project_config: ProjectConfig) -> None:
+    """A renewal imported ahead of its start is the current membership at once; when a
+    correction makes the earlier membership current again, its messages of weeks before count
+    against its budget again."""
+    policy = limits(cycle_budget=2)
+    clock = FixedClock(datetime(2026, 3, 3, 18, 0))
+    ing = customer(db, clock)
+    ev = Evaluator(db, config(project_config, policy), [on_visit("promo", channel="email")],
+                   clock)
+
+    def renewal(starts_in: int) -> None:
+        starts = clock.now().date() + timedelta(days=starts_in)
+        ing.memberships([MembershipIn(external_id="m-ann-2", customer_external_id="ann",
+                                      starts_on=starts, ends_on=starts + timedelta(days=365))])
+
+    for step in range(4):
+        if step == 2:
+            renewal(starts_in=10)
+        if step == 3:
+            renewal(starts_in=-400)  # the renewal's start was wrong: the first is current
+        visit(ing, clock)
+        ev.tick()
+        clock.advance(timedelta(days=14))
+    assert [d[1:] for d in decisions(db)] == [("message", "email", None)] * 3 + [
+        ("skipped", "email", "cycle_budget 2/2")]
+
+
+def test_the_counts_read_earlier_messages_through_the_outbox_customer_indexes(
+        db: Engine, project_config: ProjectConfig) -> None:
+    """The counts read a customer's messages of the current membership and of the cap's
+    window through the outbox's (customer, membership) and (customer, due_at) indexes, not
+    every message the customer was ever sent (PostgreSQL: with sequential scans off, as on a
+    base too large for them)."""
+    policy = limits(DAILY, cycle_budget=15)
+    clock = FixedClock(datetime(2026, 3, 3, 18, 0))
+    ing = customer(db, clock)
+    ev = Evaluator(db, config(project_config, policy), [on_visit("promo", channel="email")],
+                   clock)
+    plans: list[str] = []
+
+    def explain(conn: Any, cursor: Any, statement: str, params: Any, *args: Any) -> None:
+        if not statement.startswith("UPDATE policy_at_risk"):
+            return
+        if db.dialect.name == "sqlite":
+            cursor.execute(f"EXPLAIN QUERY PLAN {statement}", params)
+            plans.append("\n".join(row[3] for row in cursor.fetchall()))
+        else:
+            cursor.execute("SET enable_seqscan = off")
+            cursor.execute(f"EXPLAIN {statement}", params)
+            plans.append("\n".join(row[0] for row in cursor.fetchall()))
+            cursor.execute("RESET enable_seqscan")
+
+    visit(ing, clock)
+    listening(db, "before_cursor_execute", explain, ev.tick)
+    assert len(plans) == 1
+    if db.dialect.name == "sqlite":
+        assert ("USING INDEX ix_outbox_customer_id_membership_id "
+                "(customer_id=? AND membership_id=?)") in plans[0]
+        assert "USING INDEX ix_outbox_customer_id_due_at (customer_id=? AND due_at>?)" \
+            in plans[0]
+    else:
+        assert "ix_outbox_customer_id_membership_id" in plans[0]
+        assert "ix_outbox_customer_id_due_at" in plans[0]
+        assert "Seq Scan on outbox" not in plans[0]
+
+
 def test_the_policy_writes_costs_and_the_tick_reports_what_it_stopped(
         db: Engine, project_config: ProjectConfig) -> None:
     policy = limits(DAILY, cost={"email": 0.002, "sms": 0.08})
