@@ -22,7 +22,10 @@ round trip per customer):
    `lower_priority than <trigger>` when a higher-priority trigger of the same tick took the room.
    The ranking reads only the customers a limit may touch (a temporary table filled once per
    tick): those with several messages in the tick or earlier messages near a limit, and their
-   messages of the tick through the occurrences' customer index.
+   messages of the tick through the occurrences' customer index. The table's counts of earlier
+   messages read, through the outbox's (customer, membership) and (customer, due) indexes,
+   only the messages of the customer's current membership and those due within the longest
+   frequency cap: a member's older history is never read again.
 
 Every skipped occurrence keeps its reason; deferred ones keep theirs while they are messages.
 Counting for caps and budgets takes every earlier message that was not refused before leaving
