@@ -73,7 +73,12 @@ def _tick(evaluator: Any, **kwargs: Any) -> dict[str, Any]:
     started = time.perf_counter()
     result = evaluator.tick(**kwargs)
     seconds = time.perf_counter() - started
+    # SQLite: the write-ahead log's checkpoint after the tick, on the checkpointer's thread;
+    # waited for here, so that the next measurement does not share the machine with it
+    done = evaluator.checkpoints.wait() if evaluator.checkpoints and not result.dry_run else None
     return {"seconds": seconds, "stage_changes": result.stage_changes,
+            "checkpoint": None if done is None else {
+                "seconds": done.seconds, "frames": done.frames, "complete": done.complete},
             "occurrences": sum(result.occurrences.values()), "messages": result.messages,
             "held_out": result.held_out, "skipped": result.skipped,
             "by_trigger": result.occurrences, "peak_mb": _peak_mb(),
@@ -361,6 +366,15 @@ def _tables_done(tables: dict[str, str]) -> str:
                       *([f"analysed {', '.join(analysed)}"] if analysed else [])]) or "nothing due"
 
 
+def _checkpointed(tick: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The row of the SQLite log's checkpoint after a tick, if it had one."""
+    if not (done := tick.get("checkpoint")):
+        return []
+    return [("  then the log's checkpoint (background)", f"{done['seconds']:.3f} s",
+             f"{done['frames']:,} pages of write-ahead log"
+             + ("" if done["complete"] else ", not all copied"))]
+
+
 def print_table(r: dict[str, Any]) -> None:
     n = r["customers"]
     first, steady, inc = r["first_full_tick"], r["steady_full_tick"], r["incremental_tick"]
@@ -368,8 +382,10 @@ def print_table(r: dict[str, Any]) -> None:
     rows = [
         ("first full tick (assigns every stage)", f"{first['seconds']:.3f} s",
          f"{first['stage_changes']:,} stage changes, {first['occurrences']:,} occurrences"),
+        *_checkpointed(first),
         ("steady full tick (next day)", f"{steady['seconds']:.3f} s",
          f"{steady['stage_changes']:,} stage changes, {steady['occurrences']:,} occurrences"),
+        *_checkpointed(steady),
         *([("  before it, a day of autovacuum (not timed)", f"{vacuum['seconds']:.1f} s",
              f"server's autovacuum {vacuum['server_autovacuum']}; "
              + _tables_done(vacuum["tables"]))]
@@ -380,6 +396,7 @@ def print_table(r: dict[str, Any]) -> None:
          f"{again['stage_changes']:,} stage changes, {again['occurrences']:,} occurrences"),
         (f"incremental tick ({r['ingest']['events']:,} changed)", f"{inc['seconds']:.3f} s",
          f"{inc['stage_changes']:,} stage changes, {inc['occurrences']:,} occurrences"),
+        *_checkpointed(inc),
         ("  the process's first (compiles statements)",
          f"{r['incremental_tick_cold']['seconds']:.3f} s",
          f"{r['incremental_tick_cold']['changed']:,} changed"),

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,10 +23,12 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 from engine.models import Counter, Lease
 from engine.models import table as model_table
 
-__all__ = ["analyze_if_grown", "bump_counter", "empty_scratch", "make_engine", "migrate",
-           "read_counter", "release_lease", "take_lease"]
+__all__ = ["Checkpoint", "WalCheckpointer", "analyze_if_grown", "bump_counter", "empty_scratch",
+           "make_engine", "migrate", "read_counter", "release_lease", "take_lease"]
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+
+log = logging.getLogger(__name__)
 
 
 def make_engine(url: str, *, sqlite_synchronous: str = "NORMAL", **kwargs: Any) -> Engine:
@@ -67,6 +75,105 @@ def make_engine(url: str, *, sqlite_synchronous: str = "NORMAL", **kwargs: Any) 
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://"):]
     return create_engine(url, **kwargs)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One checkpoint of a SQLite write-ahead log, as `PRAGMA wal_checkpoint` reports it."""
+
+    frames: int  # the frames in the log
+    copied: int  # the frames now in the database file
+    seconds: float
+
+    @property
+    def complete(self) -> bool:
+        """Every frame copied (fewer: a reader still needed the rest)."""
+        return self.copied == self.frames
+
+
+class WalCheckpointer:
+    """Checkpoints a SQLite database's write-ahead log on a thread of its own.
+
+    A commit that leaves more than `wal_autocheckpoint` pages (1,000) in the log copies them into
+    the database file before it returns: after a tick's tens of thousands of pages, a large share
+    of the tick's time. The tick commits with that off (`quiet`) and asks this for the checkpoint,
+    which runs after it, on another connection, while the dispatcher already reads what the tick
+    committed; PostgreSQL's checkpointer process does the same for its ticks. Requests arriving
+    while a checkpoint runs are served by one more checkpoint after it. The thread is not a
+    daemon: a process that ticks once and exits finishes the checkpoint first.
+
+    A checkpoint is PASSIVE: it copies what no reader still needs and waits for nobody, so a
+    long-running reader leaves part of the log for the next one (`Checkpoint.complete`).
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.last: Checkpoint | None = None
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._again = False
+
+    @staticmethod
+    def applies(engine: Engine) -> bool:
+        """True for a SQLite database in a file (an in-memory one has no write-ahead log)."""
+        return engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:")
+
+    @staticmethod
+    @contextmanager
+    def quiet(conn: Connection) -> Iterator[None]:
+        """The connection's commits inside the block leave the log as it is (no automatic
+        checkpoint); its setting before the block is restored after it."""
+        raw = conn.connection.driver_connection
+        assert raw is not None
+        pages = raw.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+        raw.execute("PRAGMA wal_autocheckpoint=0")
+        try:
+            yield
+        finally:
+            raw.execute(f"PRAGMA wal_autocheckpoint={int(pages)}")
+
+    def request(self) -> None:
+        """Checkpoint soon, on the checkpointer's thread; returns at once."""
+        with self._lock:
+            if self._thread is not None:
+                self._again = True
+                return
+            self._thread = threading.Thread(target=self._run, name="wal-checkpoint")
+            self._thread.start()
+
+    def wait(self) -> Checkpoint | None:
+        """Wait until no checkpoint is running or requested; the latest one."""
+        while True:
+            with self._lock:
+                thread = self._thread
+            if thread is None:
+                return self.last
+            thread.join()
+
+    def checkpoint(self) -> Checkpoint:
+        """Checkpoint now, on the caller's thread."""
+        started = time.perf_counter()
+        raw = self.engine.raw_connection()
+        try:
+            # the connection runs in autocommit (`make_engine`): no transaction around the pragma
+            _, frames, copied = raw.cursor().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        finally:
+            raw.close()
+        self.last = Checkpoint(int(frames), int(copied), time.perf_counter() - started)
+        return self.last
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self.checkpoint()
+            except Exception:
+                # the log stays as it is; the next request, or a commit's own checkpoint, retries
+                log.exception("checkpoint of the write-ahead log failed")
+            with self._lock:
+                if not self._again:
+                    self._thread = None
+                    return
+                self._again = False
 
 
 def alembic_config(engine: Engine) -> Config:

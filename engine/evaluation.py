@@ -22,6 +22,7 @@ trigger's slot (a local date, a schedule's firing) lasts a day.
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import hashlib
 import os
@@ -82,7 +83,14 @@ from engine.assignment import (
 from engine.clock import Clock, utc_naive
 from engine.conditions import Condition
 from engine.config import ProjectConfig
-from engine.db import analyze_if_grown, empty_scratch, read_counter, release_lease, take_lease
+from engine.db import (
+    WalCheckpointer,
+    analyze_if_grown,
+    empty_scratch,
+    read_counter,
+    release_lease,
+    take_lease,
+)
 from engine.drift import Drift
 from engine.lifecycle import Lifecycle
 from engine.metrics import SqlContext, UnknownName, resolve
@@ -279,6 +287,8 @@ class Evaluator:
             t.trigger.id: hashlib.sha256((t.trigger.model_dump_json() + club).encode())
             .hexdigest()[:16] for t in self.triggers if t.trigger.id in self._drifts}
         self._then: dict[str, LocalDay] = {}  # the previous full tick's local days, per zone
+        # SQLite's write-ahead log, checkpointed after each committed tick rather than in its commit
+        self.checkpoints = WalCheckpointer(engine) if WalCheckpointer.applies(engine) else None
 
     # the tick ----------------------------------------------------------------------------------
 
@@ -288,12 +298,14 @@ class Evaluator:
         """Evaluate every enabled trigger once. Raises TickBusy if another process is ticking."""
         now = utc_naive(now or self.clock.now())
         started = _time.perf_counter()
-        with self.engine.begin() as conn:
-            if not take_lease(conn, TICK_LEASE, self.holder, self.clock.now(), lease_ttl):
-                raise TickBusy("another process is ticking this database")
-        try:
-            conn_cm = self.engine.connect()
-            with conn_cm as conn:
+        # SQLite: the commits of the lease and the tick leave the write-ahead log to the
+        # checkpointer
+        with self.engine.connect() as conn, (self.checkpoints.quiet(conn) if self.checkpoints
+                                             else contextlib.nullcontext()):
+            with conn.begin():
+                if not take_lease(conn, TICK_LEASE, self.holder, self.clock.now(), lease_ttl):
+                    raise TickBusy("another process is ticking this database")
+            try:
                 trans = conn.begin()
                 try:
                     result = self._tick(conn, kind, dry_run, now)
@@ -304,10 +316,14 @@ class Evaluator:
                     trans.rollback()
                 else:
                     trans.commit()
-        finally:
-            with self.engine.begin() as conn:
-                release_lease(conn, TICK_LEASE, self.holder)
+            finally:
+                if conn.in_transaction():  # a commit that failed
+                    conn.rollback()
+                with conn.begin():
+                    release_lease(conn, TICK_LEASE, self.holder)
         result.seconds = _time.perf_counter() - started
+        if self.checkpoints and not dry_run:
+            self.checkpoints.request()
         return result
 
     def preview(self, trigger_id: str, *, sample: int = 10,
