@@ -81,14 +81,16 @@ def make_engine(url: str, *, sqlite_synchronous: str = "NORMAL", **kwargs: Any) 
 class Checkpoint:
     """One checkpoint of a SQLite write-ahead log, as `PRAGMA wal_checkpoint` reports it."""
 
-    frames: int  # the frames in the log
+    frames: int  # the frames in the log (-1: none counted, see `busy`)
     copied: int  # the frames now in the database file
     seconds: float
+    # another connection was checkpointing, or the database keeps no log: nothing was done
+    busy: bool = False
 
     @property
     def complete(self) -> bool:
         """Every frame copied (fewer: a reader still needed the rest)."""
-        return self.copied == self.frames
+        return not self.busy and self.copied == self.frames
 
 
 class WalCheckpointer:
@@ -156,10 +158,12 @@ class WalCheckpointer:
         raw = self.engine.raw_connection()
         try:
             # the connection runs in autocommit (`make_engine`): no transaction around the pragma
-            _, frames, copied = raw.cursor().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            busy, frames, copied = raw.cursor().execute(
+                "PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         finally:
             raw.close()
-        self.last = Checkpoint(int(frames), int(copied), time.perf_counter() - started)
+        self.last = Checkpoint(int(frames), int(copied), time.perf_counter() - started,
+                               busy=bool(busy) or frames < 0)
         return self.last
 
     def _run(self) -> None:

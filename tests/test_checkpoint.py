@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+import threading
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine, create_engine, event
 
 from engine.clock import FixedClock
 from engine.config import ProjectConfig
-from engine.db import WalCheckpointer, make_engine, migrate
+from engine.db import Checkpoint, WalCheckpointer, make_engine, migrate
 from engine.evaluation import Evaluator
 from tests.conftest import make_trigger
 from tests.test_evaluation import seed
@@ -131,6 +132,49 @@ def test_a_reader_keeps_what_it_still_reads_in_the_log(
         reader.close()
     assert WalCheckpointer(eager).checkpoint().complete
     assert in_file(eager, tmp_path, "SELECT count(*) FROM stage_history") == 5
+
+
+class Gated(WalCheckpointer):
+    """A checkpointer whose checkpoints wait for the test's go, and are counted."""
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(engine)
+        self.go = threading.Event()
+        self.started = threading.Semaphore(0)
+        self.runs = 0
+
+    def checkpoint(self) -> Checkpoint:
+        self.started.release()
+        assert self.go.wait(10)
+        self.runs += 1
+        return super().checkpoint()
+
+
+def test_requests_during_a_checkpoint_get_one_more_after_it(
+        eager: Engine, clock: FixedClock, project_config: ProjectConfig) -> None:
+    ev = ticked(eager, clock, project_config)
+    ev.checkpoints = gated = Gated(eager)
+    ev.tick()
+    assert gated.started.acquire(timeout=10)  # the first checkpoint is under way
+    ev.tick(now=clock.now())
+    gated.request()
+    gated.go.set()
+    done = gated.wait()
+    assert gated.runs == 2  # the first, and one for both requests made while it ran
+    assert done is not None and done.complete
+
+
+def test_a_database_without_a_log_is_not_checkpointed(tmp_path: Path) -> None:
+    path = tmp_path / "rollback.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE t (x)")
+    conn.close()
+    plain = create_engine(f"sqlite:///{path}")  # rollback journal: no write-ahead log
+    try:
+        done = WalCheckpointer(plain).checkpoint()
+    finally:
+        plain.dispose()
+    assert done.busy and not done.complete
 
 
 def test_only_a_sqlite_file_has_a_log_to_checkpoint(
