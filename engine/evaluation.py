@@ -969,10 +969,7 @@ class Evaluator:
                    literal(str(MessageStatus.QUEUED)), due, now, literal(0), cost,
                    o.c.membership_id)
             .where(o.c.tick_id == bindparam("outbox_tick", type_=Integer()),
-                   o.c.status == str(OccurrenceStatus.MESSAGE))
-            # the occurrences come trigger by trigger: in customer order, the outbox's customer
-            # indexes are filled in one pass over their pages instead of one per trigger
-            .order_by(o.c.customer_id),
+                   o.c.status == str(OccurrenceStatus.MESSAGE)),
         )
 
     def record_broken(self, broken: dict[str, list[str]]) -> None:

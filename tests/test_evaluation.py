@@ -94,24 +94,6 @@ def test_fallback_channel_and_outbox(db: Engine, clock: FixedClock,
     assert rows == [("sms", "+4915112345678", "queued")]
 
 
-def test_the_outbox_receives_a_ticks_messages_in_customer_order(
-        db: Engine, clock: FixedClock, project_config: ProjectConfig) -> None:
-    """The triggers' occurrences come trigger by trigger; their messages are written customer by
-    customer, so that the outbox's customer indexes are filled in one pass."""
-    seed(db, clock)
-    action = {"channel": "email", "template": "t/x", "fallback": ["sms"]}
-    triggers = [make_trigger(id=f"entered-{stage}", when={"stage_entered": stage}, action=action)
-                for stage in ("lapsed", "renewal_due", "onboarding")]  # Cat, Bob, Ann
-    Evaluator(db, project_config, triggers, clock).tick()
-    with db.connect() as conn:
-        occurrences = conn.execute(select(Customer.external_id).join(
-            Occurrence, Occurrence.customer_id == Customer.id).order_by(Occurrence.id)).scalars()
-        messages = conn.execute(select(Customer.external_id).join(
-            Message, Message.customer_id == Customer.id).order_by(Message.id)).scalars()
-        assert list(occurrences) == ["cat", "bob", "ann"]
-        assert list(messages) == ["ann", "bob", "cat"]  # the customers' ids: ingested in order
-
-
 def test_relative_trigger_fires_at_local_time(db: Engine, clock: FixedClock,
                                               project_config: ProjectConfig) -> None:
     seed(db, clock)
