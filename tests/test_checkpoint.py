@@ -156,7 +156,7 @@ def test_requests_during_a_checkpoint_get_one_more_after_it(
     ev.checkpoints = gated = Gated(eager)
     ev.tick()
     assert gated.started.acquire(timeout=10)  # the first checkpoint is under way
-    ev.tick(now=clock.now())
+    ev.tick()
     gated.request()
     gated.go.set()
     done = gated.wait()
@@ -178,7 +178,7 @@ def test_a_database_without_a_log_is_not_checkpointed(tmp_path: Path) -> None:
 
 
 def test_only_a_sqlite_file_has_a_log_to_checkpoint(
-        db: Engine, tmp_path: Path, project_config: ProjectConfig, clock: FixedClock) -> None:
+        db: Engine, project_config: ProjectConfig, clock: FixedClock) -> None:
     assert (Evaluator(db, project_config, [], clock).checkpoints is None) == (
         db.dialect.name != "sqlite")
     memory = make_engine("sqlite://")
