@@ -5,6 +5,7 @@ and the reasons recorded for every decision."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -531,6 +532,36 @@ def test_a_renewal_starts_a_new_budget_but_not_a_new_cap_window(
         ("message", "email", None), ("skipped", "email", "cycle_budget 1/1")]
 
 
+def test_a_customer_without_a_membership_has_one_cycle_of_their_earlier_messages(
+        db: Engine, project_config: ProjectConfig) -> None:
+    """A customer without a membership counts their messages without one against the cycle
+    budget, across ticks; a membership started later is a new cycle, and the cap counts the
+    messages without one in its window."""
+    policy = limits(FrequencyCap(max=2, per=timedelta(days=7)), cycle_budget=2)
+    clock = FixedClock(datetime(2026, 3, 3, 18, 0))
+    ing = Ingestor(db, clock)
+    ing.customers([CustomerIn(external_id="bob", first_name="Bob", email="bob@example.com",
+                              timezone=LA)])
+    ev = Evaluator(db, config(project_config, policy), [on_visit("promo", channel="email")],
+                   clock)
+    for days in (0, 8, 1):
+        clock.advance(timedelta(days=days))
+        visit(ing, clock, "bob")
+        ev.tick()
+    today = clock.now().date()
+    ing.memberships([MembershipIn(external_id="m-bob", customer_external_id="bob",
+                                  starts_on=today, ends_on=today + timedelta(days=365))])
+    for _ in range(2):
+        clock.advance(timedelta(hours=1))
+        visit(ing, clock, "bob")
+        ev.tick()
+    assert [d[1:] for d in decisions(db)] == [
+        ("message", "email", None), ("message", "email", None),
+        ("skipped", "email", "cycle_budget 2/2"),
+        # the new cycle's first message, then a third in the cap's week (the second's)
+        ("message", "email", None), ("skipped", "email", "frequency_cap 2 per 7d")]
+
+
 def test_a_membership_current_again_counts_its_earlier_messages(
         db: Engine, project_config: ProjectConfig) -> None:
     """A renewal imported ahead of its start is the current membership at once; when a
@@ -559,12 +590,12 @@ def test_a_membership_current_again_counts_its_earlier_messages(
         ("skipped", "email", "cycle_budget 2/2")]
 
 
-def test_the_counts_read_earlier_messages_through_the_outbox_customer_indexes(
+def test_the_counts_read_earlier_messages_through_the_outbox_customer_indexes_or_once(
         db: Engine, project_config: ProjectConfig) -> None:
-    """The counts read a customer's messages of the current membership and of the cap's
+    """SQLite: the counts read a customer's messages of the current membership and of the cap's
     window through the outbox's (customer, membership) and (customer, due_at) indexes, not
-    every message the customer was ever sent (PostgreSQL: with sequential scans off, as on a
-    base too large for them)."""
+    every message the customer was ever sent. PostgreSQL: in one join, which reads the outbox
+    once (its planner passes over the whole outbox for a join of many customers either way)."""
     policy = limits(DAILY, cycle_budget=15)
     clock = FixedClock(datetime(2026, 3, 3, 18, 0))
     ing = customer(db, clock)
@@ -579,10 +610,8 @@ def test_the_counts_read_earlier_messages_through_the_outbox_customer_indexes(
             cursor.execute(f"EXPLAIN QUERY PLAN {statement}", params)
             plans.append("\n".join(row[3] for row in cursor.fetchall()))
         else:
-            cursor.execute("SET enable_seqscan = off")
             cursor.execute(f"EXPLAIN {statement}", params)
             plans.append("\n".join(row[0] for row in cursor.fetchall()))
-            cursor.execute("RESET enable_seqscan")
 
     visit(ing, clock)
     listening(db, "before_cursor_execute", explain, ev.tick)
@@ -593,9 +622,7 @@ def test_the_counts_read_earlier_messages_through_the_outbox_customer_indexes(
         assert "USING INDEX ix_outbox_customer_id_due_at (customer_id=? AND due_at>?)" \
             in plans[0]
     else:
-        assert "ix_outbox_customer_id_membership_id" in plans[0]
-        assert "ix_outbox_customer_id_due_at" in plans[0]
-        assert "Seq Scan on outbox" not in plans[0]
+        assert len(re.findall(r" on outbox\b", plans[0])) == 1, plans[0]
 
 
 def test_the_policy_writes_costs_and_the_tick_reports_what_it_stopped(
