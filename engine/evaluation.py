@@ -59,7 +59,6 @@ from sqlalchemy import (
     bindparam,
     case,
     cast,
-    exists,
     func,
     insert,
     literal,
@@ -734,10 +733,12 @@ class Evaluator:
             assert isinstance(once, EveryScope)
             scope = literal("at:") + slot
             # through the unique key (trigger, customer): the trigger's few occurrences of the
-            # customer, not every trigger's occurrences of them inside the window
-            filters.append(~exists().where(
+            # customer, not every trigger's occurrences of them inside the window. A probe per
+            # customer (a scalar subquery): PostgreSQL turned NOT EXISTS into a hash anti-join
+            # over a pass of every occurrence, which grows with the club's history.
+            filters.append(select(o.c.id).where(
                 o.c.trigger_id == trig.id, o.c.customer_id == c.c.id,
-                unindexed(o.c.fired_at) > now - once.every))
+                unindexed(o.c.fired_at) > now - once.every).limit(1).scalar_subquery().is_(None))
         if isinstance(when, RelativeWhen | ScheduleWhen) and not isinstance(once, EveryScope):
             # Every full tick reads a date or schedule trigger's whole day of due customers
             # again (every minute, under the scheduler): those it has already fired for in

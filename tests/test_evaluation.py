@@ -406,3 +406,28 @@ def test_a_trigger_reads_the_memberships_only_for_what_its_conditions_use(
                             .join(Customer, Customer.id == Occurrence.customer_id)).all()
     assert fired == len(rows) == (2 if conditions == ['plan != "monthly"'] else 3)
     assert all(m == current and scope == f"cycle:{current}" for m, scope, current in rows), rows
+
+
+def test_an_every_scope_probes_the_customers_occurrences_not_a_pass_over_all_of_them(
+        db: Engine, clock: FixedClock, project_config: ProjectConfig) -> None:
+    """`once: {every: ...}` is one probe of the customer's occurrences per candidate (SQLite:
+    through the (trigger, customer) unique key), never a join with every occurrence in the
+    table, which PostgreSQL planned as a pass over all of them (a club's whole history); and
+    it fires again once the interval has passed."""
+    seed(db, clock)
+    trig = make_trigger(id="t", when={"schedule": "0 * * * *"}, once={"every": "2h"})
+    ev = Evaluator(db, project_config, [trig], clock)
+    result, explained = occurrence_plans(db, ev.tick)
+    plan = "\n".join(str(row) for row in explained[0])
+    assert len(explained) == 1
+    if db.dialect.name == "sqlite":
+        assert "CORRELATED SCALAR SUBQUERY" in plan, plan
+        # the unique key (SQLite names the index of a table constraint itself)
+        assert "SEARCH occurrences USING INDEX sqlite_autoindex_occurrences_1 " \
+               "(trigger_id=? AND customer_id=?)" in plan, plan
+    else:
+        assert "Anti Join" not in plan and "SubPlan" in plan, plan
+    assert result.occurrences == {"t": 3}
+    for hours, fired in ((1, 0), (1, 3)):
+        clock.advance(timedelta(hours=hours))
+        assert ev.tick().occurrences == {"t": fired}
