@@ -558,7 +558,8 @@ def test_a_customer_without_a_membership_has_one_cycle_of_their_earlier_messages
     assert [d[1:] for d in decisions(db)] == [
         ("message", "email", None), ("message", "email", None),
         ("skipped", "email", "cycle_budget 2/2"),
-        # the new cycle's first message, then a third in the cap's week (the second's)
+        # the new cycle's first message, then what would be the third in the cap's week, with
+        # the second, sent without a membership the day before
         ("message", "email", None), ("skipped", "email", "frequency_cap 2 per 7d")]
 
 
