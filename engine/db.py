@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -23,8 +23,9 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 from engine.models import Counter, Lease
 from engine.models import table as model_table
 
-__all__ = ["Checkpoint", "WalCheckpointer", "analyze_if_grown", "bump_counter", "empty_scratch",
-           "make_engine", "migrate", "read_counter", "release_lease", "take_lease"]
+__all__ = ["Checkpoint", "WalCheckpointer", "analyze_if_grown", "analyze_scratch", "bump_counter",
+           "empty_scratch", "make_engine", "migrate", "read_counter", "release_lease",
+           "take_lease"]
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -264,3 +265,11 @@ def empty_scratch(conn: Connection, scratch: Table) -> None:
         conn.exec_driver_sql(f"TRUNCATE {scratch.name}")
     else:
         conn.execute(delete(scratch))
+
+
+def analyze_scratch(conn: Connection, scratch: Table, columns: Sequence[str]) -> None:
+    """On PostgreSQL, ANALYZE the temporary table `scratch`, once filled, on `columns`:
+    autovacuum never visits temporary tables, and without statistics the planner guesses their
+    size and spread (SQLite plans without per-value statistics either way)."""
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"ANALYZE {scratch.name} ({', '.join(columns)})")

@@ -85,6 +85,7 @@ from engine.config import ProjectConfig
 from engine.db import (
     WalCheckpointer,
     analyze_if_grown,
+    analyze_scratch,
     empty_scratch,
     read_counter,
     release_lease,
@@ -393,8 +394,7 @@ class Evaluator:
                                    strict=True):
             empty_scratch(conn, copy)
             conn.execute(statement, {"copy_since": previous_seq})
-            if dialect == "postgresql":
-                conn.exec_driver_sql(f"ANALYZE {copy.name} ({', '.join(ANALYZED[copy])})")
+            analyze_scratch(conn, copy, ANALYZED[copy])
 
     @staticmethod
     def _copy_statements(dialect: str) -> tuple[Any, Any]:

@@ -23,9 +23,10 @@ round trip per customer):
    The ranking reads only the customers a limit may touch (a temporary table filled once per
    tick): those with several messages in the tick or earlier messages near a limit, and their
    messages of the tick through the occurrences' customer index. The table's counts of earlier
-   messages read, through the outbox's (customer, membership) and (customer, due) indexes,
-   only the messages of the customer's current membership and those due within the longest
-   frequency cap: a member's older history is never read again.
+   messages keep only the messages of the customer's current membership and those due within
+   the longest frequency cap. SQLite reads just those, through the outbox's (customer,
+   membership) and (customer, due) indexes; PostgreSQL's planner joins the counted customers
+   by one pass over the outbox instead (cheaper, by its costs, than a probe per customer).
 
 Every skipped occurrence keeps its reason; deferred ones keep theirs while they are messages.
 Counting for caps and budgets takes every earlier message that was not refused before leaving
@@ -72,7 +73,7 @@ from sqlalchemy import (
 )
 
 from engine.config import PolicyFile, QuietHours
-from engine.db import empty_scratch
+from engine.db import analyze_scratch, empty_scratch
 from engine.models import (
     ConsentEntry,
     Customer,
@@ -219,10 +220,9 @@ class ContactPolicy:
             counts, fill, tallies, risky = self._statements.at_risk
             empty_scratch(conn, counts)
             conn.execute(fill, params)
-            if conn.dialect.name == "postgresql":
-                # autovacuum never visits temporary tables: without statistics the planner
-                # took the counts for 200 customers, and hashed the outbox to join them
-                conn.exec_driver_sql(f"ANALYZE {counts.name} (customer_id, membership_key)")
+            # without statistics PostgreSQL took the counts for 200 customers, and hashed the
+            # outbox to join them
+            analyze_scratch(conn, counts, ("customer_id", "membership_key"))
             conn.execute(tallies[conn.dialect.name], params)
             # A limit no customer can exceed in this tick stops nothing (the skips of the limits
             # before it only lower what it ranks): its UPDATE, a pass over the tick's marketing
