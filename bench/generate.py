@@ -4,8 +4,8 @@ N customers, each with a chain of memberships (monthly, annual and corporate pla
 lapses and comebacks; join dates spread over three years so every lifecycle stage occurs), and a
 year of visits while a membership runs: a per-member habit of about 0-3 visits a week, fading for
 some. The denormalised customer columns (last_visit_at, visit_count, recent_visits,
-lifetime_value, current_membership_id, change_seq) are filled consistently with the generated rows, as ingestion
-would have left them. The stage columns are left empty: the first tick assigns them.
+lifetime_value, current_membership_id and its membership's columns, change_seq) are filled
+consistently with the generated rows, as ingestion would have left them. The stage columns are left empty: the first tick assigns them.
 
 Rows go in with `executemany` (SQLite) or `COPY` (PostgreSQL), in chunks, never through the ORM.
 The output is deterministic for a given N and GENERATOR_VERSION.
@@ -72,7 +72,9 @@ COLUMNS = {
     "customers": ("id", "external_id", "first_name", "last_name", "email", "phone", "chat_id",
                   "timezone", "locale", "segment", "attributes", "created_at", "updated_at",
                   "last_visit_at", "visit_count", "recent_visits", "lifetime_value",
-                  "current_membership_id", "change_seq"),
+                  "current_membership_id", "membership_plan", "membership_price",
+                  "membership_starts_on", "membership_ends_on", "membership_status",
+                  "change_seq"),
     "memberships": ("id", "external_id", "customer_id", "plan", "price", "starts_on", "ends_on",
                     "status", "created_at", "updated_at"),
     "events": ("id", "customer_id", "kind", "occurred_at", "received_at", "properties"),
@@ -128,6 +130,7 @@ def batches(n: int, seed: int = 20260302) -> Iterator[Batch]:
                                        else TODAY - timedelta(days=int(rand() * 700)),
                                        datetime.min.time()) + timedelta(hours=9)
             current = None
+            mirror: tuple[Any, ...] = (None,) * 5  # the current membership's columns
             lifetime = 0.0
             for name, price, start, end in memberships:
                 membership_id += 1
@@ -142,6 +145,7 @@ def batches(n: int, seed: int = 20260302) -> Iterator[Batch]:
                 batch.memberships.append((
                     membership_id, f"m{membership_id}", cid, name, price, start.isoformat(),
                     end.isoformat(), status, stamp, stamp))
+                mirror = (name, price, start.isoformat(), end.isoformat(), status)
 
             # --- visits in the last year while a membership ran: a habit, fading for some
             habit = rand()
@@ -189,7 +193,7 @@ def batches(n: int, seed: int = 20260302) -> Iterator[Batch]:
                 zone, "de" if zone is None or zone == "Europe/Berlin" else "en",
                 choices(_SEG_VALUES, cum_weights=_SEG_CUM)[0], attributes,
                 _ts(created), _ts(created), latest[0][0] if latest else None, len(stamps),
-                json.dumps([seconds for _, seconds in latest]), lifetime, current, 1))
+                json.dumps([seconds for _, seconds in latest]), lifetime, current, *mirror, 1))
         yield batch
 
 

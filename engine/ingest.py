@@ -35,10 +35,18 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from engine.clock import Clock, utc_naive
 from engine.config import valid_timezone
 from engine.db import bump_counter
-from engine.models import RECENT_VISITS, ConsentEntry, Customer, Event, Membership, table
+from engine.models import (
+    MEMBERSHIP_MIRROR,
+    RECENT_VISITS,
+    ConsentEntry,
+    Customer,
+    Event,
+    Membership,
+    table,
+)
 
 __all__ = ["ConsentIn", "CustomerIn", "EventIn", "IngestResult", "Ingestor", "MembershipIn",
-           "RowError"]
+           "RowError", "membership_mirror"]
 
 CHUNK = 500
 T = TypeVar("T")
@@ -189,7 +197,7 @@ class Ingestor:
                         ["customer_id", "plan", "price", "starts_on", "ends_on", "status",
                          "updated_at"])
             self._refresh(conn, {p["customer_id"] for p in payload}, now,
-                          bump_counter(conn, "change"))
+                          bump_counter(conn, "change"), memberships=True)
         result.written = len(payload)
         return result
 
@@ -241,9 +249,10 @@ class Ingestor:
         return result
 
     def _refresh(self, conn: Connection, customer_ids: Iterable[int], now: datetime,
-                 seq: int) -> None:
+                 seq: int, *, memberships: bool = False) -> None:
         """Recompute the denormalised activity columns of these customers, set-wise, and mark
-        them changed at `seq`."""
+        them changed at `seq`; with `memberships` (their memberships changed), their current
+        membership and its columns too."""
         ids = sorted(customer_ids)
         if not ids:
             return
@@ -262,10 +271,23 @@ class Ingestor:
             e.c.customer_id == c.c.id, e.c.kind == PURCHASE).scalar_subquery()
         for chunk in _chunks(ids):
             conn.execute(update(c).where(c.c.id.in_(chunk)).values(
-                current_membership_id=current, last_visit_at=last_visit, visit_count=visits,
+                last_visit_at=last_visit, visit_count=visits,
                 recent_visits=recent_visits(conn.dialect.name, c.c.id),
                 lifetime_value=cast(paid, Float) + cast(bought, Float),
-                change_seq=seq, updated_at=now))
+                change_seq=seq, updated_at=now,
+                **({"current_membership_id": current} if memberships else {})))
+            if memberships:
+                # the new current membership's columns: a second statement, as every SET of
+                # one reads the row as it was before it
+                conn.execute(update(c).where(c.c.id.in_(chunk)).values(**membership_mirror()))
+
+
+def membership_mirror() -> dict[str, ColumnElement[Any]]:
+    """Values for an UPDATE of customers: the columns of the membership each customer's
+    `current_membership_id` names (`MEMBERSHIP_MIRROR`; NULL without one)."""
+    c, m = table(Customer), table(Membership)
+    return {name: select(m.c[column]).where(m.c.id == c.c.current_membership_id)
+            .scalar_subquery() for name, column in MEMBERSHIP_MIRROR.items()}
 
 
 def recent_visits(dialect: str, customer_id: ColumnElement[Any]) -> ColumnElement[Any]:

@@ -40,6 +40,7 @@ __all__ = [
     "Customer",
     "Event",
     "Lease",
+    "MEMBERSHIP_MIRROR",
     "Membership",
     "Message",
     "MessageStatus",
@@ -117,6 +118,14 @@ class Customer(Base):
     visit_count: Mapped[int] = mapped_column(default=0)
     lifetime_value: Mapped[float] = mapped_column(Float, default=0.0)
     current_membership_id: Mapped[int | None] = mapped_column(BigId)
+    # The current membership's columns, kept with its id by ingestion (NULL without one): an
+    # incremental tick reads the changed customers' memberships from their own rows instead of
+    # looking each up in `memberships`.
+    membership_plan: Mapped[str | None] = mapped_column(String(64))
+    membership_price: Mapped[float | None] = mapped_column(Float)
+    membership_starts_on: Mapped[date | None]
+    membership_ends_on: Mapped[date | None]
+    membership_status: Mapped[str | None] = mapped_column(String(16))
     # The instants of the customer's latest RECENT_VISITS visits, newest first, in whole seconds
     # since 1970 (a JSON array); NULL where ingestion has not computed them (then the windowed
     # visit counts read the events).
@@ -161,6 +170,12 @@ class Membership(Base):
         Index(None, "ends_on"),
         Index(None, "starts_on"),
     )
+
+
+# A customer's copy of their current membership: customer column -> membership column.
+MEMBERSHIP_MIRROR = {"membership_plan": "plan", "membership_price": "price",
+                     "membership_starts_on": "starts_on", "membership_ends_on": "ends_on",
+                     "membership_status": "status"}
 
 
 class Event(Base):

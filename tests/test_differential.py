@@ -15,7 +15,7 @@ from engine.conditions import compile_condition
 from engine.config import ProjectConfig
 from engine.evaluation import CHANGED_CUSTOMERS, CHANGED_MEMBERSHIPS, Evaluator
 from engine.explain import load_facts
-from engine.ingest import recent_visits
+from engine.ingest import membership_mirror, recent_visits
 from engine.models import Customer, Event, Membership
 
 NOW = datetime(2026, 3, 29, 0, 30)  # the night Europe switches to summer time
@@ -120,6 +120,7 @@ def _load(db: Engine, customers: list[dict[str, Any]]) -> None:
                     conn.execute(insert(Event).values(customer_id=i, kind=kind, occurred_at=at,
                                                       received_at=NOW, properties={}))
         c_ = Customer.__table__
+        conn.execute(update(c_).values(**membership_mirror()))
         kept = [i for i, c in enumerate(customers, start=1) if c["kept"]]
         conn.execute(update(c_).where(c_.c.id.in_(kept)).values(
             recent_visits=recent_visits(conn.dialect.name, c_.c.id)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -15,7 +16,7 @@ from engine.config import ProjectConfig
 from engine.db import analyze_if_grown, make_engine, migrate
 from engine.evaluation import Evaluator, TickKind
 from engine.ingest import CustomerIn, EventIn, Ingestor, MembershipIn
-from engine.models import Customer, Message, Occurrence, StageChange
+from engine.models import MEMBERSHIP_MIRROR, Customer, Membership, Message, Occurrence, StageChange
 from tests.conftest import listening, make_trigger
 
 T = TypeVar("T")
@@ -379,6 +380,57 @@ def test_sqlite_reads_the_changed_customers_due_by_the_copies_anchor_index(
     assert [step for step in reads if step not in memberships][0].startswith(
         "SEARCH tick_changed_customers USING INDEX "
         "ix_tick_changed_customers_current_membership_id "), plans
+
+
+def test_an_incremental_tick_reads_the_changed_customers_memberships_from_their_rows(
+        db: Engine, clock: FixedClock, project_config: ProjectConfig) -> None:
+    """Ingestion keeps the current membership's columns on the customer row, and an incremental
+    tick reads the changed customers' memberships from there: no statement of it reads
+    `memberships`. A renewal to another plan is what the next incremental tick sees; an
+    earlier term ingested later, or a change to a membership that is not the current one,
+    leaves the customer's current membership as it was."""
+    ing = seed(db, clock)
+    trig = make_trigger(id="t", when={"event": "visit"}, once="per_event",
+                        conditions=['plan == "annual"', 'membership_status == "active"',
+                                    "price >= 500", "days_until_membership_end > 300"])
+    evaluator = Evaluator(db, project_config, [trig], clock)
+    evaluator.tick()
+    today = clock.now().date()
+    ing.memberships([
+        MembershipIn(external_id="m-bob-2", customer_external_id="bob", plan="annual",
+                     price=520, starts_on=today, ends_on=today + timedelta(days=364)),
+        # an earlier term of Ann's, and a change to Cat's ended one (her current): only Cat's
+        # columns change
+        MembershipIn(external_id="m-ann-0", customer_external_id="ann", plan="monthly",
+                     price=40, starts_on=today - timedelta(days=60),
+                     ends_on=today - timedelta(days=31)),
+        MembershipIn(external_id="m-cat", customer_external_id="cat", plan="corporate", price=0,
+                     starts_on=today - timedelta(days=400), ends_on=today - timedelta(days=35),
+                     status="cancelled"),
+    ])
+    m, c = Membership.__table__, Customer.__table__
+    with db.connect() as conn:
+        same = (c.c[name] == m.c[column] for name, column in MEMBERSHIP_MIRROR.items())
+        mirrored = conn.execute(
+            select(c.c.external_id, m.c.external_id, *same)
+            .join(m, m.c.id == c.c.current_membership_id).order_by(c.c.external_id)).all()
+    assert [tuple(row) for row in mirrored] == [
+        ("ann", "m-ann", *[True] * 5), ("bob", "m-bob-2", *[True] * 5),
+        ("cat", "m-cat", *[True] * 5)], mirrored
+    clock.advance(timedelta(minutes=5))
+    ing.events([EventIn(customer_external_id=who, kind="visit", occurred_at=clock.now())
+                for who in ("ann", "bob", "cat")])
+    statements: list[str] = []
+    result = listening(db, "before_cursor_execute",
+                       lambda conn, cursor, statement, *args: statements.append(statement),
+                       lambda: evaluator.tick(kind=TickKind.INCREMENTAL))
+    assert result.occurrences == {"t": 1}  # Bob's new annual membership; Ann's price is 480
+    with db.connect() as conn:
+        fired = conn.execute(select(Customer.external_id).join(
+            Occurrence, Occurrence.customer_id == Customer.id)).scalars().all()
+    assert fired == ["bob"]
+    assert statements and not [s for s in statements if re.search(r"\bmemberships\b", s)], [
+        s for s in statements if re.search(r"\bmemberships\b", s)]
 
 
 @pytest.mark.parametrize(("conditions", "reads_memberships"), [
