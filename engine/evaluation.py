@@ -154,9 +154,9 @@ CHANGED_MEMBERSHIPS = select(
 ).subquery("tick_changed_memberships")
 # On PostgreSQL the copy is analysed once filled (autovacuum never visits temporary tables), on
 # the columns the triggers' joins and filters select by. Without statistics the planner
-# multiplied default selectivities down to one customer and joined the memberships copy by a
+# multiplied default selectivities down to one customer and joined the copied memberships by a
 # scan per customer: 0.27 s for one trigger at 10,000 changed customers. All the columns took
-# 70 ms to analyse, these few 12 ms.
+# 70 ms to analyse, a few 12 ms.
 ANALYZED_COLUMNS = ("id", "stage", "timezone", "current_membership_id", "membership_plan",
                     "membership_status", "membership_starts_on", "membership_ends_on")
 

@@ -9,8 +9,8 @@ Create Date: 2026-12-07 01:00:00
   `current_membership_id` names, kept with it by ingestion (NULL for a customer without one).
   An incremental tick copied each changed customer's current membership from `memberships`,
   a key lookup and a page read per customer (on PostgreSQL at a million customers, 0.16 s of a
-  0.55 s tick for 10,000 changed customers, bench/README); it now copies them from the
-  customer rows it has just copied.
+  0.55 s tick for 10,000 changed customers, bench/README); it now reads them from its copy of
+  the changed customers' rows.
 
 Filled from `memberships` for the customers already stored.
 """
