@@ -5,7 +5,8 @@ lapses and comebacks; join dates spread over three years so every lifecycle stag
 year of visits while a membership runs: a per-member habit of about 0-3 visits a week, fading for
 some. The denormalised customer columns (last_visit_at, visit_count, recent_visits,
 lifetime_value, current_membership_id and its membership's columns, change_seq) are filled
-consistently with the generated rows, as ingestion would have left them. The stage columns are left empty: the first tick assigns them.
+consistently with the generated rows, as ingestion would have left them. The stage columns are
+left empty: the first tick assigns them.
 
 Rows go in with `executemany` (SQLite) or `COPY` (PostgreSQL), in chunks, never through the ORM.
 The output is deterministic for a given N and GENERATOR_VERSION.
