@@ -87,6 +87,7 @@ from engine.db import (
     WalCheckpointer,
     analyze_if_grown,
     analyze_scratch,
+    collection_paused,
     empty_scratch,
     read_counter,
     release_lease,
@@ -310,9 +311,9 @@ class Evaluator:
         now = utc_naive(now or self.clock.now())
         started = _time.perf_counter()
         # SQLite: the commits of the lease and the tick leave the write-ahead log to the
-        # checkpointer
-        with self.engine.connect() as conn, (self.checkpoints.quiet(conn) if self.checkpoints
-                                             else contextlib.nullcontext()):
+        # checkpointer; the garbage collector waits for the commit
+        with collection_paused(), self.engine.connect() as conn, (
+                self.checkpoints.quiet(conn) if self.checkpoints else contextlib.nullcontext()):
             with conn.begin():
                 if not take_lease(conn, TICK_LEASE, self.holder, self.clock.now(), lease_ttl):
                     raise TickBusy("another process is ticking this database")

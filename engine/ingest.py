@@ -34,7 +34,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from engine.clock import Clock, utc_naive
 from engine.config import valid_timezone
-from engine.db import bump_counter
+from engine.db import bump_counter, collection_paused
 from engine.models import (
     MEMBERSHIP_MIRROR,
     RECENT_VISITS,
@@ -172,7 +172,7 @@ class Ingestor:
 
     def customers(self, rows: Sequence[CustomerIn]) -> IngestResult:
         now = self.clock.now()
-        with self.engine.begin() as conn:
+        with collection_paused(), self.engine.begin() as conn:
             seq = bump_counter(conn, "change")
             payload = [{**r.model_dump(), "created_at": now, "updated_at": now, "change_seq": seq,
                         "visit_count": 0, "lifetime_value": 0.0, "recent_visits": []} for r in rows]
@@ -185,7 +185,7 @@ class Ingestor:
     def memberships(self, rows: Sequence[MembershipIn]) -> IngestResult:
         now = self.clock.now()
         result = IngestResult()
-        with self.engine.begin() as conn:
+        with collection_paused(), self.engine.begin() as conn:
             payload = []
             for _, r, cid in _known_customers(conn, rows, result):
                 data = r.model_dump(exclude={"customer_external_id"})
@@ -204,7 +204,7 @@ class Ingestor:
     def events(self, rows: Sequence[EventIn]) -> IngestResult:
         now = self.clock.now()
         result = IngestResult()
-        with self.engine.begin() as conn:
+        with collection_paused(), self.engine.begin() as conn:
             payload: list[dict[str, Any]] = []
             for _, r, cid in _known_customers(conn, rows, result):
                 payload.append({"external_id": r.external_id, "customer_id": cid, "kind": r.kind,
@@ -231,7 +231,7 @@ class Ingestor:
                  channels: Collection[str] | None = None) -> IngestResult:
         """Append consent entries; channels outside `channels` (when given) are errors."""
         result = IngestResult()
-        with self.engine.begin() as conn:
+        with collection_paused(), self.engine.begin() as conn:
             payload: list[dict[str, Any]] = []
             for i, r, cid in _known_customers(conn, rows, result):
                 if channels is not None and r.channel not in channels:
