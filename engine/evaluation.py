@@ -28,6 +28,7 @@ import hashlib
 import os
 import socket
 import time as _time
+from collections import OrderedDict
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
@@ -38,6 +39,7 @@ from zoneinfo import ZoneInfo
 from apscheduler.triggers.cron import CronTrigger
 from sqlalchemy import (
     BigInteger,
+    BindParameter,
     Column,
     ColumnElement,
     CompoundSelect,
@@ -72,6 +74,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.sql import visitors
 
 from engine.assignment import (
     BUCKETS,
@@ -95,7 +98,7 @@ from engine.db import (
 )
 from engine.drift import Drift
 from engine.lifecycle import Lifecycle
-from engine.metrics import SqlContext, UnknownName, resolve
+from engine.metrics import SqlContext, TickInstants, UnknownName, resolve
 from engine.models import (
     MEMBERSHIP_MIRROR,
     Customer,
@@ -281,6 +284,9 @@ class Evaluator:
         self._outbox_statements: dict[bool, Any] = {}  # policy on/off -> the outbox INSERT
         self._assignments: dict[tuple[Any, ...], _Assigned] = {}  # see _assignment
         self._aliases: dict[str, FromClause] = {}  # memberships (or the copy's view) -> "m"
+        # the tick's instant in the statements, bound when they run (`_occurrence_insert`)
+        self._instants = TickInstants()
+        self._inserts: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
         # an incremental tick's copy of the changed customers, through the change_seq index
         c = table(Customer)
         self._copy = insert(CHANGED_CUSTOMERS).from_select(
@@ -364,7 +370,8 @@ class Evaluator:
                 audience = base.add_columns(func.count()).where(
                     *([c.c.stage.in_(loaded.trigger.stages)] if loaded.trigger.stages else []),
                     *(cond.sql(ctx) for cond in loaded.conditions))
-                matching = int(conn.execute(audience).scalar_one())
+                matching = int(conn.execute(audience, evaluator._instants.values(now))
+                               .scalar_one())
             finally:
                 trans.rollback()
         return {"trigger": trigger_id, "now": now.isoformat(),
@@ -392,7 +399,8 @@ class Evaluator:
         # Each customer's local date as an expression, not a join: at any instant the zones share
         # two or three dates, so this is a CASE over a few zone lists, or one constant.
         local_today = self._by_zone({d.tz: d.today for d in self._days}, Date(), customers=c)
-        ctx = SqlContext(customer=c, membership=m, local_today=local_today, now=now)
+        ctx = SqlContext(customer=c, membership=m, local_today=local_today,
+                         instants=self._instants)
         base = select().select_from(c.outerjoin(m, m.c.id == c.c.current_membership_id))
         return ctx, base
 
@@ -481,11 +489,16 @@ class Evaluator:
             # an event trigger read up to the previous tick finds every customer of its new
             # events among the changed ones
             caught_up = previous_events is not None and event_wm >= previous_events
-            candidates = self._candidates(loaded, ctx, changed, now, (event_wm, event_max),
-                                          (stage_wm, stage_max), caught_up=caught_up,
-                                          settled=self._settled(loaded, previous_full, now))
-            count = self._insert_occurrences(conn, loaded, candidates, tick_id, now,
-                                             versions.get(loaded.path), params)
+            reads = ctx
+            if changed is not None and (isinstance(trig.when, RelativeWhen | ScheduleWhen)
+                                        or isinstance(trig.when, EventWhen) and caught_up):
+                reads = changed
+            count = self._fire(conn, loaded, reads, now, (event_wm, event_max),
+                               (stage_wm, stage_max), self._settled(loaded, previous_full, now),
+                               versions.get(loaded.path),
+                               {**params, "this_tick": tick_id, "events_after": event_wm,
+                                "events_upto": event_max, "stages_after": stage_wm,
+                                "stages_upto": stage_max})
             result.occurrences[trig.id] = count
             saved.append((trig.id, state is not None, versions.get(loaded.path), loaded.path,
                           count))
@@ -582,24 +595,65 @@ class Evaluator:
 
     # candidates --------------------------------------------------------------------------------
 
-    def _candidates(self, loaded: LoadedTriggerLike, ctx: SqlContext, changed: SqlContext | None,
-                    now: datetime, events: tuple[int, int], stages: tuple[int, int], *,
-                    caught_up: bool = False,
+    def _fire(self, conn: Connection, loaded: LoadedTriggerLike, ctx: SqlContext, now: datetime,
+              events: tuple[int, int], stages: tuple[int, int], settled: _Settled | None,
+              version_id: int | None, params: dict[str, Any]) -> int:
+        """Insert the trigger's occurrences of this tick; how many.
+
+        The INSERT is built once per shape and kept: the tick's instant, id and watermarks are
+        bound when it runs (`TickInstants`, `params`), and the shape is what else it is built
+        from (`_shape`). Building one took 2-4 ms of Python, a large share of an incremental
+        tick of twenty triggers; the statement kept, SQLAlchemy also keeps its cache key."""
+        key = self._shape(loaded, ctx, events, stages, settled, version_id)
+        if key is not None and key in self._inserts:
+            self._inserts.move_to_end(key)
+            stmt = self._inserts[key]
+        else:
+            stmt = self._insert_occurrences(
+                conn, loaded, self._candidates(loaded, ctx, events, stages, settled=settled),
+                version_id)
+            if key is not None and _bound_in_full(stmt):
+                self._inserts[key] = stmt
+                if len(self._inserts) > 4 * len(self.triggers) + 8:
+                    self._inserts.popitem(last=False)
+        if stmt is None:
+            return 0
+        return int(conn.execute(stmt, {**params, **self._instants.values(now)}).rowcount)
+
+    def _shape(self, loaded: LoadedTriggerLike, ctx: SqlContext, events: tuple[int, int],
+               stages: tuple[int, int], settled: _Settled | None,
+               version_id: int | None) -> tuple[Any, ...] | None:
+        """What the trigger's occurrence INSERT is built from besides the tick's bound values:
+        the customer rows it reads, its rule file's version, each zone's local date (the
+        conditions' day counts) and the trigger's slot there (date and schedule triggers:
+        their anchor dates and slots), whether any event or stage change is new (event and
+        stage-entry triggers) and whether the trigger reads its first events. None: not kept
+        (a settled slot's reads depend on the previous full tick)."""
+        if settled is not None:
+            return None
+        when = loaded.trigger.when
+        if isinstance(when, EventWhen):
+            moment: tuple[Any, ...] = (events[1] > events[0], events[0] == 0)
+        elif isinstance(when, StageWhen):
+            moment = (stages[1] > stages[0],)
+        else:
+            moment = tuple(_slot(when, d) for d in self._days)
+        return (loaded.trigger.id, id(ctx.customer), version_id,
+                tuple((d.tz, d.today) for d in self._days), moment)
+
+    def _candidates(self, loaded: LoadedTriggerLike, ctx: SqlContext,
+                    events: tuple[int, int], stages: tuple[int, int], *,
                     settled: _Settled | None = None) -> tuple[Select[Any], FromClause] | None:
         """customer_id, membership_id, event_id, scope_key of everyone the trigger fires for,
-        and the customer rows it reads (the table, or the incremental tick's copy).
+        and the customer rows it reads (those of `ctx`: the table, or the incremental tick's
+        copy of the changed customers).
 
-        Event and stage-entry triggers read what arrived since their watermarks; in an
-        incremental tick (`changed`: the copies of the changed customers), date and schedule
-        triggers read only the changed customers, and so do event triggers `caught_up` with the
-        previous tick (their new events' customers are all changed ones). In a full tick,
-        `settled` restricts a date or schedule trigger to the customers whose evaluation may
-        have changed since the previous one, in the zones that tick evaluated in this slot."""
+        Event and stage-entry triggers read what arrived since their watermarks (bound as
+        `events_after`/`events_upto`, `stages_after`/`stages_upto`). In a full tick, `settled`
+        restricts a date or schedule trigger to the customers whose evaluation may have changed
+        since the previous one, in the zones that tick evaluated in this slot."""
         trig = loaded.trigger
         when = trig.when
-        if changed is not None and (isinstance(when, RelativeWhen | ScheduleWhen)
-                                    or isinstance(when, EventWhen) and caught_up):
-            ctx = changed
         c, m, days = ctx.customer, ctx.membership, self._days
         joined: FromClause = c.outerjoin(m, m.c.id == c.c.current_membership_id)
         # The read is driven by one indexed term: the customers to re-read in a settled slot,
@@ -611,10 +665,10 @@ class Evaluator:
             assert isinstance(when, RelativeWhen | ScheduleWhen)
             fresh = {d.tz for d in days if _slot(when, d) is not None} - settled.zones
         by_ids = settled is not None and not fresh
-        ranges = self._day_count_ranges(loaded, now, c, indexed=not by_ids)
+        ranges = self._day_count_ranges(loaded, c, indexed=not by_ids)
         stage_drives = isinstance(when, ScheduleWhen) and not ranges and not by_ids
         event_id: ColumnElement[Any] = cast(null(), BigInteger)
-        slot: ColumnElement[Any] = literal(now.date().isoformat())
+        slot: ColumnElement[Any]
         filters: list[ColumnElement[Any]] = []
         if isinstance(when, EventWhen):
             lo, hi = events
@@ -630,8 +684,11 @@ class Evaluator:
             first = lo == 0
             occurred = e.c.occurred_at if first else unindexed(e.c.occurred_at)
             event_key = unindexed(e.c.id) if first else e.c.id
-            ev_filter = and_(e.c.kind == when.event, event_key > lo, event_key <= hi,
-                             occurred > now - when.within, occurred <= now)
+            ev_filter = and_(e.c.kind == when.event,
+                             event_key > bindparam("events_after", type_=BigInteger()),
+                             event_key <= bindparam("events_upto", type_=BigInteger()),
+                             occurred > self._instants.at(-when.within),
+                             occurred <= self._instants.at())
             if trig.once == Scope.PER_EVENT:
                 ev = select(e.c.customer_id, e.c.id.label("event_id"), e.c.occurred_at) \
                     .where(ev_filter).subquery("ev")
@@ -649,7 +706,9 @@ class Evaluator:
                 return None
             sh = StageChange.__table__
             entered = select(sh.c.customer_id, func.max(sh.c.id).label("change_id")).where(
-                sh.c.stage == when.stage_entered, sh.c.id > lo, sh.c.id <= hi,
+                sh.c.stage == when.stage_entered,
+                sh.c.id > bindparam("stages_after", type_=BigInteger()),
+                sh.c.id <= bindparam("stages_upto", type_=BigInteger()),
             ).group_by(sh.c.customer_id).subquery("entered")
             joined = entered.join(c, c.c.id == entered.c.customer_id).outerjoin(
                 m, m.c.id == c.c.current_membership_id)
@@ -727,7 +786,8 @@ class Evaluator:
             # over a pass of every occurrence, which grows with the club's history.
             filters.append(select(o.c.id).where(
                 o.c.trigger_id == trig.id, o.c.customer_id == c.c.id,
-                unindexed(o.c.fired_at) > now - once.every).limit(1).scalar_subquery().is_(None))
+                unindexed(o.c.fired_at) > self._instants.at(-once.every))
+                .limit(1).scalar_subquery().is_(None))
         if isinstance(when, RelativeWhen | ScheduleWhen) and not isinstance(once, EveryScope):
             # Every full tick reads a date or schedule trigger's whole day of due customers
             # again (every minute, under the scheduler): those it has already fired for in
@@ -749,7 +809,7 @@ class Evaluator:
             *(c.c[column] for column in self._contact_columns),
         ).select_from(joined).where(*filters), c
 
-    def _day_count_ranges(self, loaded: LoadedTriggerLike, now: datetime, c: FromClause, *,
+    def _day_count_ranges(self, loaded: LoadedTriggerLike, c: FromClause, *,
                           indexed: bool = True) -> list[ColumnElement[bool]]:
         """For each condition `<whole days since a customer timestamp> == k`, a range of that
         timestamp holding every customer for whom it can be true. The condition stays as it
@@ -765,19 +825,21 @@ class Evaluator:
             column: ColumnElement[Any] = c.c[name] if indexed else unindexed(c.c[name])
             # k whole days (truncated, to the second) since t: now - (k+1) days < t <= now - k
             # days, within a second; 0 days also covers up to a day ahead (truncation to 0).
-            high = now - timedelta(days=k) if k else now + timedelta(days=1)
-            out.append(column.between(now - timedelta(days=k + 1), high + timedelta(seconds=1)))
+            high = timedelta(days=-k) if k else timedelta(days=1)
+            out.append(column.between(self._instants.at(timedelta(days=-(k + 1))),
+                                      self._instants.at(high + timedelta(seconds=1))))
         return out
 
     def _insert_occurrences(self, conn: Connection, loaded: LoadedTriggerLike,
-                            found: tuple[Select[Any], FromClause] | None, tick_id: int,
-                            now: datetime, version_id: int | None, params: dict[str, Any]) -> int:
-        """Insert one occurrence per candidate not already recorded, with its arm, variant,
-        channel and status decided in the same statement: with the contact policy, the
-        channel is the policy's choice (consent, segment, quiet hours) and a candidate no
-        channel can take is skipped with each channel's reason."""
+                            found: tuple[Select[Any], FromClause] | None,
+                            version_id: int | None) -> Any:
+        """The INSERT of one occurrence per candidate not already recorded (None: no
+        candidates), with its arm, variant, channel and status decided in the same statement:
+        with the contact policy, the channel is the policy's choice (consent, segment, quiet
+        hours) and a candidate no channel can take is skipped with each channel's reason. The
+        tick's id is bound as `this_tick`."""
         if found is None:
-            return 0
+            return None
         candidates, customers = found
         trig = loaded.trigger
         # The assignment is written over the candidates' own expressions, in the SELECT that
@@ -808,13 +870,14 @@ class Evaluator:
                 literal(trig.id).label("trigger_id"), fired.c.customer_id, fired.c.scope_key,
                 fired.c.membership_id, fired.c.event_id,
                 literal(version_id, BigInteger).label("rule_file_version_id"),
-                literal(tick_id).label("tick_id"), literal(now).label("fired_at"),
+                bindparam("this_tick", type_=Integer()).label("tick_id"),
+                self._instants.at().label("fired_at"),
                 fired.c.stage, fired.c.arm, fired.c.variant, channel.label("channel"),
                 status.label("status"), reason.label("reason"), recipient.label("recipient"))
             # SQLite needs a WHERE to read ON CONFLICT after INSERT ... SELECT unambiguously.
             .where(true()),
         )
-        return int(conn.execute(stmt, params).rowcount)
+        return stmt
 
     # arm, variant, channel; the outbox -----------------------------------------------------------
 
@@ -1086,3 +1149,11 @@ def _latest_slot(expr: str, day: LocalDay) -> str | None:
 def _cron(expr: str, tz: str) -> CronTrigger:
     """A schedule in a zone, parsed once."""
     return CronTrigger.from_crontab(expr, timezone=ZoneInfo(tz))
+
+
+def _bound_in_full(stmt: Any) -> bool:
+    """No instant in `stmt` is a value of its own (a statement built over the tick's instant
+    without `TickInstants` would carry that tick's): only then may it run in another tick."""
+    return stmt is None or not any(
+        isinstance(element, BindParameter) and isinstance(element.value, datetime)
+        for element in visitors.iterate(stmt))

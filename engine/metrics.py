@@ -19,12 +19,15 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    BindParameter,
     Boolean,
     ColumnElement,
+    DateTime,
     Float,
     Integer,
     String,
     and_,
+    bindparam,
     case,
     false,
     func,
@@ -48,6 +51,7 @@ __all__ = [
     "Metric",
     "MetricType",
     "SqlContext",
+    "TickInstants",
     "UnknownName",
     "days_between",
     "resolve",
@@ -63,12 +67,44 @@ class MetricType(StrEnum):
 
 @dataclass(frozen=True)
 class SqlContext:
-    """The FROM clause a compiled condition refers to."""
+    """The FROM clause a compiled condition refers to, and the tick's instant (`instants`)."""
 
     customer: FromClause
     membership: FromClause
     local_today: ColumnElement[Any]
-    now: datetime
+    instants: TickInstants
+
+
+_EPOCH = datetime(1970, 1, 1)
+
+
+class TickInstants:
+    """The tick's instant, and instants at fixed offsets from it, as named bind parameters.
+
+    A statement written over these is the same from tick to tick (`engine.evaluation` keeps it
+    and runs it again); `values(now)` binds them for the tick at `now`."""
+
+    def __init__(self) -> None:
+        self._offsets: dict[str, tuple[timedelta, bool]] = {}
+
+    def at(self, offset: timedelta = timedelta(0)) -> BindParameter[datetime]:
+        """The instant `offset` after the tick's."""
+        return self._bind("tick_at", offset, seconds=False)
+
+    def seconds_at(self, offset: timedelta = timedelta(0)) -> BindParameter[int]:
+        """The instant `offset` after the tick's, in whole seconds since 1970 (floored)."""
+        return self._bind("tick_seconds", offset, seconds=True)
+
+    def _bind(self, prefix: str, offset: timedelta, *, seconds: bool) -> BindParameter[Any]:
+        micro = offset // timedelta(microseconds=1)
+        name = f"{prefix}_{'m' if micro < 0 else 'p'}{abs(micro)}"
+        self._offsets[name] = (offset, seconds)
+        return bindparam(name, type_=BigInteger() if seconds else DateTime())
+
+    def values(self, now: datetime) -> dict[str, Any]:
+        """Every instant handed out so far, for the tick at `now`."""
+        return {name: math.floor(((now + offset) - _EPOCH).total_seconds()) if seconds
+                else now + offset for name, (offset, seconds) in self._offsets.items()}
 
 
 @dataclass
@@ -174,9 +210,6 @@ def _py_whole_days(a: datetime | None, b: datetime) -> int | None:
     return int(seconds / 86400)  # truncation toward zero, as SQL integer division
 
 
-_EPOCH = datetime(1970, 1, 1)
-
-
 def _naive_seconds(moment: datetime) -> int:
     delta = moment - _EPOCH
     return delta.days * 86400 + delta.seconds
@@ -251,12 +284,12 @@ _STATIC: dict[str, Metric] = {
                "local days until the current membership ends (0 on its last day)",
                timeless=False, clocked=Clocked("membership", "ends_on", -1, True)),
         Metric("days_since_last_visit", MetricType.NUMBER,
-               lambda ctx: whole_days_since(ctx.customer.c.last_visit_at, literal(ctx.now)),
+               lambda ctx: whole_days_since(ctx.customer.c.last_visit_at, ctx.instants.at()),
                lambda f: _py_whole_days(f.customer.get("last_visit_at"), f.now),
                "whole days since the last visit; missing if the customer never visited",
                timeless=False, clocked=Clocked("customer", "last_visit_at", 1, False)),
         Metric("days_in_stage", MetricType.NUMBER,
-               lambda ctx: whole_days_since(ctx.customer.c.stage_since, literal(ctx.now)),
+               lambda ctx: whole_days_since(ctx.customer.c.stage_since, ctx.instants.at()),
                _days_in_stage_py, "whole days since the customer entered the current stage",
                timeless=False),
     ]
@@ -268,17 +301,14 @@ _EVENT_KINDS = {"visits": "visit", "bookings": "booking", "purchases": "purchase
 VISIT_KIND = "visit"  # the kind whose latest instants customers keep (`recent_visits`)
 
 
-_EPOCH = datetime(1970, 1, 1)
-
-
 def _window_count(ctx: SqlContext, kind: str, days: int) -> ColumnElement[Any]:
     """The customer's events of `kind` in the `days` before the tick's instant: a count through
     the events index."""
-    since = ctx.now - timedelta(days=days)
     return (
         select(func.count())
         .where(Event.customer_id == ctx.customer.c.id, Event.kind == kind,
-               Event.occurred_at > since, Event.occurred_at <= ctx.now)
+               Event.occurred_at > ctx.instants.at(-timedelta(days=days)),
+               Event.occurred_at <= ctx.instants.at())
         .correlate(ctx.customer)
         .scalar_subquery()
     )
@@ -324,9 +354,9 @@ def visits_at_least(ctx: SqlContext, days: int, k: int) -> ColumnElement[bool]:
         return count >= k
     c = ctx.customer.c
     kept = and_(c.recent_visits.is_not(None),
-                or_(c.last_visit_at.is_(None), c.last_visit_at <= ctx.now))
+                or_(c.last_visit_at.is_(None), c.last_visit_at <= ctx.instants.at()))
     # the list holds whole seconds: a k-th visit in the window's first second is counted
-    since = math.floor((ctx.now - timedelta(days=days) - _EPOCH).total_seconds())
+    since = ctx.instants.seconds_at(-timedelta(days=days))
     kth = nth_recent_visit(c.recent_visits, k - 1)
     return case((and_(kept, kth > since), true()),
                 (and_(kept, kth == since), count >= k),

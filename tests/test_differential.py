@@ -142,13 +142,14 @@ def test_sql_and_explain_agree(db: Engine, project_config: ProjectConfig,
         evaluator._local_days(conn, now)
         ctx, base = evaluator._context(now)
         query = base.add_columns(ctx.customer.c.id).where(*(c.sql(ctx) for c in compiled))
-        by_sql = set(conn.execute(query).scalars())
+        by_sql = set(conn.execute(query, ctx.instants.values(now)).scalars())
         by_python = {
             i for i in range(1, len(customers) + 1)
             if all(c.py(load_facts(conn, i, now, project_config.club.timezone)) for c in compiled)
         }
         stages_sql = dict(conn.execute(base.add_columns(
-            ctx.customer.c.id, evaluator.lifecycle.stage_sql(ctx))).all())
+            ctx.customer.c.id, evaluator.lifecycle.stage_sql(ctx)),
+            ctx.instants.values(now)).all())
         stages_py = {i: evaluator.lifecycle.stage_py(
             load_facts(conn, i, now, project_config.club.timezone))
             for i in range(1, len(customers) + 1)}
@@ -158,9 +159,10 @@ def test_sql_and_explain_agree(db: Engine, project_config: ProjectConfig,
         copy, copied = evaluator._context(now, customers=CHANGED_CUSTOMERS,
                                           memberships=CHANGED_MEMBERSHIPS)
         by_copy = set(conn.execute(copied.add_columns(copy.customer.c.id).where(
-            *(c.sql(copy) for c in compiled))).scalars())
+            *(c.sql(copy) for c in compiled)), copy.instants.values(now)).scalars())
         stages_copy = dict(conn.execute(copied.add_columns(
-            copy.customer.c.id, evaluator.lifecycle.stage_sql(copy))).all())
+            copy.customer.c.id, evaluator.lifecycle.stage_sql(copy)),
+            copy.instants.values(now)).all())
     assert by_sql == by_python, conditions
     assert stages_sql == stages_py
     assert by_copy == by_sql, conditions

@@ -434,6 +434,42 @@ def test_an_incremental_tick_reads_the_changed_customers_memberships_from_their_
         s for s in statements if re.search(r"\bmemberships\b", s)]
 
 
+def test_incremental_ticks_of_one_slot_run_one_insert_at_each_ticks_own_instant(
+        db: Engine, clock: FixedClock, project_config: ProjectConfig) -> None:
+    """A trigger's occurrence INSERT is built once and run again by the next incremental tick of
+    the same slot, with that tick's instant bound: a windowed count is taken at the second
+    tick's instant, not the first's."""
+    ing = seed(db, clock)
+    trig = make_trigger(id="t", when={"schedule": "0 0 * * *"}, conditions=["visits_30d >= 1"])
+    evaluator = Evaluator(db, project_config, [trig], clock)
+    evaluator.tick()  # nobody has visited yet
+    inserts: list[Any] = []
+
+    def record(conn: Any, clause: Any, *args: Any) -> None:
+        if str(clause).startswith("INSERT INTO occurrences"):
+            inserts.append(clause)
+
+    def visits_then_tick(visits: dict[str, datetime]) -> dict[str, int]:
+        ing.events([EventIn(customer_external_id=who, kind="visit", occurred_at=at)
+                    for who, at in visits.items()])
+        return listening(db, "before_execute", record,
+                         lambda: evaluator.tick(kind=TickKind.INCREMENTAL)).occurrences
+
+    first = clock.now() + timedelta(minutes=5)
+    clock.set(first)
+    assert visits_then_tick({"ann": first - timedelta(minutes=1)}) == {"t": 1}
+    clock.set(first + timedelta(hours=2))
+    # Bob's visit lies inside the 30 days before the first tick, outside those before this one
+    assert visits_then_tick({"bob": first - timedelta(days=30, hours=-1),
+                             "cat": clock.now() - timedelta(minutes=1)}) == {"t": 1}
+    with db.connect() as conn:
+        fired = conn.execute(select(Customer.external_id).join(
+            Occurrence, Occurrence.customer_id == Customer.id)
+            .order_by(Customer.external_id)).scalars().all()
+    assert fired == ["ann", "cat"]
+    assert len(inserts) == 2 and inserts[0] is inserts[1]
+
+
 @pytest.mark.parametrize(("conditions", "reads_memberships"), [
     ([], False), (["visits_total >= 0", "lifetime_value >= 0"], False),
     (['plan != "monthly"'], True)])
