@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Boolean, ColumnElement, Select
+from sqlalchemy import Boolean, ColumnElement, DateTime, Integer, Numeric, Select, String
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.sql.visitors import InternalTraversal
 
-__all__ = ["among", "unindexed"]
+__all__ = ["among", "unindexed", "unindexed_anywhere"]
 
 
 class unindexed(FunctionElement[Any]):  # noqa: N801 - reads as a SQL function
@@ -34,6 +34,28 @@ def _unindexed_sqlite(element: unindexed, compiler: Any, **kw: Any) -> str:
 def _unindexed_default(element: unindexed, compiler: Any, **kw: Any) -> str:
     (column,) = list(element.clauses)
     return str(compiler.process(column, **kw))
+
+
+class unindexed_anywhere(unindexed):  # noqa: N801 - reads as a SQL function
+    """A column's value that no database's planner reads through an index: on PostgreSQL the
+    column with a no-op applied (`+ INTERVAL '0 seconds'`, `+ 0`, `|| ''`), which matches no
+    index. For a term whose statistics mislead PostgreSQL: a window over the newest rows, past
+    the histogram's last value, estimated at a row where there are a hundred thousand."""
+
+    inherit_cache = True
+
+
+@compiles(unindexed_anywhere, "postgresql")
+def _unindexed_anywhere_postgresql(element: unindexed_anywhere, compiler: Any, **kw: Any) -> str:
+    (column,) = list(element.clauses)
+    sql = compiler.process(column, **kw)
+    if isinstance(column.type, DateTime):
+        return f"({sql} + INTERVAL '0 seconds')"
+    if isinstance(column.type, Integer | Numeric):
+        return f"({sql} + 0)"
+    if isinstance(column.type, String):
+        return f"({sql} || '')"
+    raise TypeError(f"unindexed_anywhere: no no-op for a column of type {column.type!r}")
 
 
 class among(ColumnElement[bool]):  # noqa: N801 - reads as a SQL operator
