@@ -56,7 +56,6 @@ from sqlalchemy import (
     Row,
     Select,
     String,
-    Subquery,
     Table,
     and_,
     bindparam,
@@ -98,9 +97,8 @@ from engine.db import (
 )
 from engine.drift import Drift
 from engine.lifecycle import Lifecycle
-from engine.metrics import SqlContext, TickInstants, UnknownName, resolve
+from engine.metrics import RowMembership, SqlContext, TickInstants, UnknownName, resolve
 from engine.models import (
-    MEMBERSHIP_MIRROR,
     Customer,
     Event,
     Membership,
@@ -145,24 +143,18 @@ def _scratch_copy(source: Table, name: str, indexed: Sequence[str] = ()) -> Tabl
 # An incremental tick copies the changed customers once, then reads the copy for the stages and
 # every date and schedule trigger: a scan of a few thousand compact rows per trigger instead of
 # an index probe and two row lookups per customer. Their current memberships are read from the
-# same rows (`MEMBERSHIP_MIRROR`: the columns ingestion keeps there), through a view of the copy
-# named as `memberships` is; a date trigger reads it through its anchor date's index, then the
-# customers through the current membership's: the few changed customers due today, not all.
+# same rows (`RowMembership`: the columns ingestion keeps there); a date trigger reads the copy
+# through its anchor date's index: the few changed customers due today, not all.
 CHANGED_CUSTOMERS = _scratch_copy(
     table(Customer), "tick_changed_customers",
-    indexed=("current_membership_id", "membership_starts_on", "membership_ends_on"))
-CHANGED_MEMBERSHIPS = select(
-    CHANGED_CUSTOMERS.c.current_membership_id.label("id"),
-    CHANGED_CUSTOMERS.c.id.label("customer_id"),
-    *(CHANGED_CUSTOMERS.c[name].label(column) for name, column in MEMBERSHIP_MIRROR.items()),
-).subquery("tick_changed_memberships")
+    indexed=("membership_starts_on", "membership_ends_on"))
 # On PostgreSQL the copy is analysed once filled (autovacuum never visits temporary tables), on
 # the columns the triggers' joins and filters select by. Without statistics the planner
-# multiplied default selectivities down to one customer and joined the copied memberships by a
-# scan per customer: 0.27 s for one trigger at 10,000 changed customers. All the columns took
-# 70 ms to analyse, these eight 20-40 ms.
-ANALYZED_COLUMNS = ("id", "stage", "timezone", "current_membership_id", "membership_plan",
-                    "membership_status", "membership_starts_on", "membership_ends_on")
+# multiplied default selectivities down to one customer and joined a copy of the memberships
+# by a scan per customer: 0.27 s for one trigger at 10,000 changed customers. All the columns
+# took 70 ms to analyse, these seven 20-40 ms.
+ANALYZED_COLUMNS = ("id", "stage", "timezone", "membership_plan", "membership_status",
+                    "membership_starts_on", "membership_ends_on")
 
 
 class TickKind(StrEnum):
@@ -283,7 +275,8 @@ class Evaluator:
                                     [t.trigger for t in self.triggers]) if policy else None
         self._outbox_statements: dict[bool, Any] = {}  # policy on/off -> the outbox INSERT
         self._assignments: dict[tuple[Any, ...], _Assigned] = {}  # see _assignment
-        self._aliases: dict[str, FromClause] = {}  # memberships (or the copy's view) -> "m"
+        # memberships -> its alias "m"; customers (or the copy) -> the membership on their rows
+        self._aliases: dict[str, FromClause | RowMembership] = {}
         # the tick's instant in the statements, bound when they run (`_occurrence_insert`)
         self._instants = TickInstants()
         self._inserts: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
@@ -386,23 +379,23 @@ class Evaluator:
         self._days = local_dates(self._zones, now)
 
     def _context(self, now: datetime, *, customers: Table | None = None,
-                 memberships: Table | Subquery | None = None) -> tuple[SqlContext, Select[Any]]:
+                 row: bool = False) -> tuple[SqlContext, Select[Any]]:
         """The evaluation context and the base FROM (customers and their current membership):
-        the tables themselves, or the incremental tick's copy and its view of the memberships."""
+        the customers table or the incremental tick's copy of some of its rows, and with them
+        the memberships table or (`row`) the membership's columns on the customer row."""
         c = table(Customer) if customers is None else customers
-        source = table(Membership) if memberships is None else memberships
-        # one alias per source for the evaluator's life: expressions built over its columns
-        # are reused from tick to tick (`_assignment`)
-        if source.name not in self._aliases:
-            self._aliases[source.name] = source.alias("m")
-        m = self._aliases[source.name]
+        # one per source for the evaluator's life: expressions built over its columns are
+        # reused from tick to tick (`_assignment`)
+        key = c.name if row else table(Membership).name
+        if key not in self._aliases:
+            self._aliases[key] = RowMembership(c) if row else table(Membership).alias("m")
+        m = self._aliases[key]
         # Each customer's local date as an expression, not a join: at any instant the zones share
         # two or three dates, so this is a CASE over a few zone lists, or one constant.
         local_today = self._by_zone({d.tz: d.today for d in self._days}, Date(), customers=c)
         ctx = SqlContext(customer=c, membership=m, local_today=local_today,
                          instants=self._instants)
-        base = select().select_from(c.outerjoin(m, m.c.id == c.c.current_membership_id))
-        return ctx, base
+        return ctx, select().select_from(_with_membership(c, c, m))
 
     def _copy_changed(self, conn: Connection, previous_seq: int) -> None:
         """Fill CHANGED_CUSTOMERS with the customers changed since `previous_seq`."""
@@ -465,8 +458,7 @@ class Evaluator:
         event_max = conn.execute(select(func.max(Event.id))).scalar() or 0
         if kind is TickKind.INCREMENTAL:
             self._copy_changed(conn, previous_seq)
-            changed, base = self._context(now, customers=CHANGED_CUSTOMERS,
-                                          memberships=CHANGED_MEMBERSHIPS)
+            changed, base = self._context(now, customers=CHANGED_CUSTOMERS, row=True)
             result.stage_changes = self.lifecycle.record_changes(
                 conn, base, changed, tick_id, now, copy=CHANGED_CUSTOMERS)
         else:
@@ -474,9 +466,13 @@ class Evaluator:
             self._then = ({d.tz: d for d in local_dates(self._zones, previous_full.now)}
                           if previous_full is not None else {})
             restaged = self._restaged(previous_full, now, previous_seq)
+            # the stages read the membership on the customer rows: no lookup of a membership
+            # row for each customer restaged
+            staging, base = self._context(now, row=True)
             if restaged is not None:
-                base = base.where(ctx.customer.c.id.in_(restaged))
-            result.stage_changes = self.lifecycle.record_changes(conn, base, ctx, tick_id, now)
+                base = base.where(staging.customer.c.id.in_(restaged))
+            result.stage_changes = self.lifecycle.record_changes(conn, base, staging, tick_id,
+                                                                 now)
 
         stage_max = conn.execute(select(func.max(StageChange.id))).scalar() or 0
         states = {row.trigger_id: row for row in conn.execute(select(TriggerState.__table__))}
@@ -655,7 +651,7 @@ class Evaluator:
         trig = loaded.trigger
         when = trig.when
         c, m, days = ctx.customer, ctx.membership, self._days
-        joined: FromClause = c.outerjoin(m, m.c.id == c.c.current_membership_id)
+        joined: FromClause = _with_membership(c, c, m)
         # The read is driven by one indexed term: the customers to re-read in a settled slot,
         # the anchor date (date triggers), the range of a day count, or else the stage and time
         # zone (schedule triggers). The other terms are written so that SQLite's planner, which
@@ -698,8 +694,7 @@ class Evaluator:
                 ev = select(e.c.customer_id, func.min(e.c.id).label("event_id"),
                             func.min(e.c.occurred_at).label("occurred_at")) \
                     .where(ev_filter).group_by(e.c.customer_id).subquery("ev")
-            joined = ev.join(c, c.c.id == ev.c.customer_id).outerjoin(
-                m, m.c.id == c.c.current_membership_id)
+            joined = _with_membership(ev.join(c, c.c.id == ev.c.customer_id), c, m)
             event_id = ev.c.event_id
             slot = cast(ev.c.event_id, String)
         elif isinstance(when, StageWhen):
@@ -712,8 +707,7 @@ class Evaluator:
                 sh.c.id > bindparam("stages_after", type_=BigInteger()),
                 sh.c.id <= bindparam("stages_upto", type_=BigInteger()),
             ).group_by(sh.c.customer_id).subquery("entered")
-            joined = entered.join(c, c.c.id == entered.c.customer_id).outerjoin(
-                m, m.c.id == c.c.current_membership_id)
+            joined = _with_membership(entered.join(c, c.c.id == entered.c.customer_id), c, m)
             filters.append(c.c.stage == when.stage_entered)
             slot = cast(entered.c.change_id, String)
         elif isinstance(when, RelativeWhen):
@@ -728,7 +722,8 @@ class Evaluator:
                 fire_dates[anchor] = fire_date
             anchor_col: ColumnElement[Any] = (
                 m.c.ends_on if when.anchor is Anchor.MEMBERSHIP_ENDS else m.c.starts_on)
-            joined = c.join(m, m.c.id == c.c.current_membership_id)
+            # customers without a membership have no anchor date: the term below drops them
+            joined = _with_membership(c, c, m, outer=False)
             if c is table(Customer) and not by_ids:
                 # the anchor dates as one list, for the anchor's index (the copies' small
                 # indexes serve each anchor of the term below: SQLite reads them as a
@@ -1151,6 +1146,16 @@ def _latest_slot(expr: str, day: LocalDay) -> str | None:
 def _cron(expr: str, tz: str) -> CronTrigger:
     """A schedule in a zone, parsed once."""
     return CronTrigger.from_crontab(expr, timezone=ZoneInfo(tz))
+
+
+def _with_membership(source: FromClause, c: FromClause, m: FromClause | RowMembership, *,
+                     outer: bool = True) -> FromClause:
+    """`source` joined with the current membership of its customers `c` (outer: customers
+    without one kept); as it is where the membership is on their rows."""
+    if isinstance(m, RowMembership):
+        return source
+    on = m.c.id == c.c.current_membership_id
+    return source.outerjoin(m, on) if outer else source.join(m, on)
 
 
 def _bound_in_full(stmt: Any) -> bool:

@@ -43,13 +43,14 @@ from sqlalchemy.sql.expression import FromClause
 from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.types import TypeEngine
 
-from engine.models import RECENT_VISITS, Event
+from engine.models import MEMBERSHIP_MIRROR, RECENT_VISITS, Event
 
 __all__ = [
     "Clocked",
     "Facts",
     "Metric",
     "MetricType",
+    "RowMembership",
     "SqlContext",
     "TickInstants",
     "UnknownName",
@@ -70,12 +71,42 @@ class SqlContext:
     """The FROM clause a compiled condition refers to, and the tick's instant (`instants`)."""
 
     customer: FromClause
-    membership: FromClause
+    membership: FromClause | RowMembership
     local_today: ColumnElement[Any]
     instants: TickInstants
 
 
 _EPOCH = datetime(1970, 1, 1)
+
+
+class RowMembership:
+    """The customer's current membership as columns of their own row (`MEMBERSHIP_MIRROR`,
+    kept there by ingestion): in place of a joined membership table, `c` names them as the
+    table names its columns (`id`: the current membership's). A statement reading it joins
+    nothing: no lookup of a membership row per customer."""
+
+    def __init__(self, customers: FromClause) -> None:
+        self.customers = customers
+        self.c = _Columns({"id": customers.c.current_membership_id,
+                           "customer_id": customers.c.id,
+                           **{column: customers.c[name]
+                              for name, column in MEMBERSHIP_MIRROR.items()}})
+
+
+class _Columns:
+    """Columns by name, as a table's `c` gives them (`c.plan`, `c["plan"]`)."""
+
+    def __init__(self, columns: dict[str, ColumnElement[Any]]) -> None:
+        self._columns = columns
+
+    def __getitem__(self, name: str) -> ColumnElement[Any]:
+        return self._columns[name]
+
+    def __getattr__(self, name: str) -> ColumnElement[Any]:
+        try:
+            return self.__dict__["_columns"][name]  # type: ignore[no-any-return]
+        except KeyError:
+            raise AttributeError(name) from None
 
 
 class TickInstants:

@@ -13,7 +13,7 @@ from sqlalchemy import Engine, delete, insert, update
 from engine.clock import FixedClock
 from engine.conditions import compile_condition
 from engine.config import ProjectConfig
-from engine.evaluation import CHANGED_CUSTOMERS, CHANGED_MEMBERSHIPS, Evaluator
+from engine.evaluation import CHANGED_CUSTOMERS, Evaluator
 from engine.explain import load_facts
 from engine.ingest import membership_mirror, recent_visits
 from engine.models import Customer, Event, Membership
@@ -153,11 +153,18 @@ def test_sql_and_explain_agree(db: Engine, project_config: ProjectConfig,
         stages_py = {i: evaluator.lifecycle.stage_py(
             load_facts(conn, i, now, project_config.club.timezone))
             for i in range(1, len(customers) + 1)}
+        # a full tick computes stages with the membership read from the customer rows, which
+        # ingestion keeps (`_load` fills them as it does)
+        rows, on_rows = evaluator._context(now, row=True)
+        stages_rows = dict(conn.execute(on_rows.add_columns(
+            rows.customer.c.id, evaluator.lifecycle.stage_sql(rows)),
+            rows.instants.values(now)).all())
+        by_rows = set(conn.execute(on_rows.add_columns(rows.customer.c.id).where(
+            *(c.sql(rows) for c in compiled)), rows.instants.values(now)).scalars())
         # an incremental tick evaluates over its copies of the changed customers: the same
         # conditions and stages there (every customer here counts as changed)
         evaluator._copy_changed(conn, -1)
-        copy, copied = evaluator._context(now, customers=CHANGED_CUSTOMERS,
-                                          memberships=CHANGED_MEMBERSHIPS)
+        copy, copied = evaluator._context(now, customers=CHANGED_CUSTOMERS, row=True)
         by_copy = set(conn.execute(copied.add_columns(copy.customer.c.id).where(
             *(c.sql(copy) for c in compiled)), copy.instants.values(now)).scalars())
         stages_copy = dict(conn.execute(copied.add_columns(
@@ -167,6 +174,8 @@ def test_sql_and_explain_agree(db: Engine, project_config: ProjectConfig,
     assert stages_sql == stages_py
     assert by_copy == by_sql, conditions
     assert stages_copy == stages_sql
+    assert by_rows == by_sql, conditions
+    assert stages_rows == stages_sql
 
 
 def test_local_calendar_day_counts() -> None:

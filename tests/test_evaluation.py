@@ -358,9 +358,9 @@ def test_sqlite_reads_the_changed_customers_due_by_the_copies_anchor_index(
         tmp_path: Path, clock: FixedClock, project_config: ProjectConfig, when: dict[str, Any],
         anchor: str) -> None:
     """An incremental tick reads a date trigger's changed customers through the anchor date's
-    index on their copy (the current membership's columns), then the copied customers of those
-    memberships through the copy's index of current memberships: the few changed customers due
-    today, not a pass over every changed customer for each date trigger."""
+    index on their copy (the current membership's columns on their rows), and reads the copy
+    no other way: the few changed customers due today, not a pass over every changed customer
+    for each date trigger, and no second read of them for their membership."""
     db = make_engine(f"sqlite:///{tmp_path / 'plan.db'}")
     migrate(db)
     ingest = seed(db, clock)
@@ -378,9 +378,8 @@ def test_sqlite_reads_the_changed_customers_due_by_the_copies_anchor_index(
         "SEARCH tick_changed_customers USING INDEX "
         f"ix_tick_changed_customers_membership_{anchor} ")]
     assert reads[0] in memberships, plans
-    assert [step for step in reads if step not in memberships][0].startswith(
-        "SEARCH tick_changed_customers USING INDEX "
-        "ix_tick_changed_customers_current_membership_id "), plans
+    assert not [step for step in reads
+                if "tick_changed_customers" in step and step not in memberships], plans
 
 
 def test_an_incremental_tick_reads_the_changed_customers_memberships_from_their_rows(
