@@ -363,8 +363,7 @@ class Evaluator:
                 audience = base.add_columns(func.count()).where(
                     *([c.c.stage.in_(loaded.trigger.stages)] if loaded.trigger.stages else []),
                     *(cond.sql(ctx) for cond in loaded.conditions))
-                matching = int(conn.execute(audience, evaluator._instants.values(now))
-                               .scalar_one())
+                matching = int(conn.execute(audience).scalar_one())
             finally:
                 trans.rollback()
         return {"trigger": trigger_id, "now": now.isoformat(),
@@ -384,6 +383,7 @@ class Evaluator:
         the customers table or the incremental tick's copy of some of its rows, and with them
         the memberships table or (`row`) the membership's columns on the customer row."""
         c = table(Customer) if customers is None else customers
+        self._instants.now = now  # what the statements built over this context read
         # one per source for the evaluator's life: expressions built over its columns are
         # reused from tick to tick (`_assignment`)
         key = c.name if row else table(Membership).name
@@ -489,7 +489,7 @@ class Evaluator:
             if changed is not None and (isinstance(trig.when, RelativeWhen | ScheduleWhen)
                                         or isinstance(trig.when, EventWhen) and caught_up):
                 reads = changed
-            count = self._fire(conn, loaded, reads, now, (event_wm, event_max),
+            count = self._fire(conn, loaded, reads, (event_wm, event_max),
                                (stage_wm, stage_max), self._settled(loaded, previous_full, now),
                                versions.get(loaded.path),
                                {**params, "this_tick": tick_id, "events_after": event_wm,
@@ -591,7 +591,7 @@ class Evaluator:
 
     # candidates --------------------------------------------------------------------------------
 
-    def _fire(self, conn: Connection, loaded: LoadedTriggerLike, ctx: SqlContext, now: datetime,
+    def _fire(self, conn: Connection, loaded: LoadedTriggerLike, ctx: SqlContext,
               events: tuple[int, int], stages: tuple[int, int], settled: _Settled | None,
               version_id: int | None, params: dict[str, Any]) -> int:
         """Insert the trigger's occurrences of this tick; how many.
@@ -614,7 +614,7 @@ class Evaluator:
                     self._inserts.popitem(last=False)
         if stmt is None:
             return 0
-        return int(conn.execute(stmt, {**params, **self._instants.values(now)}).rowcount)
+        return int(conn.execute(stmt, params).rowcount)
 
     def _shape(self, loaded: LoadedTriggerLike, ctx: SqlContext, events: tuple[int, int],
                stages: tuple[int, int], settled: _Settled | None,

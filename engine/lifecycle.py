@@ -130,8 +130,7 @@ class Lifecycle:
         inserted = conn.execute(
             insert(sh).from_select(
                 ["customer_id", "membership_id", "stage", "previous_stage", "entered_at",
-                 "tick_id"], changed),
-            ctx.instants.values(now),
+                 "tick_id"], changed)
         ).rowcount
         if inserted:
             for target in (table(Customer), *([copy] if copy is not None else [])):

@@ -8,6 +8,7 @@ None/NULL, and dates are compared in the customer's own local calendar.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import math
 import re
@@ -110,13 +111,17 @@ class _Columns:
 
 
 class TickInstants:
-    """The tick's instant, and instants at fixed offsets from it, as named bind parameters.
+    """The tick's instant (`now`), and instants at fixed offsets from it, as bind parameters
+    whose values are read from `now` when a statement runs.
 
     A statement written over these is the same from tick to tick (`engine.evaluation` keeps it
-    and runs it again); `values(now)` binds them for the tick at `now`."""
+    and runs it again with the next tick's `now`). They are not passed with the statement's
+    parameters: SQLAlchemy keys its compiled statements by the names passed, and a set of
+    names that grew as new instants were handed out made every kept statement compile again."""
 
-    def __init__(self) -> None:
-        self._offsets: dict[str, tuple[timedelta, bool]] = {}
+    def __init__(self, now: datetime | None = None) -> None:
+        self.now = now
+        self._binds: dict[str, BindParameter[Any]] = {}
 
     def at(self, offset: timedelta = timedelta(0)) -> BindParameter[datetime]:
         """The instant `offset` after the tick's."""
@@ -129,13 +134,17 @@ class TickInstants:
     def _bind(self, prefix: str, offset: timedelta, *, seconds: bool) -> BindParameter[Any]:
         micro = offset // timedelta(microseconds=1)
         name = f"{prefix}_{'m' if micro < 0 else 'p'}{abs(micro)}"
-        self._offsets[name] = (offset, seconds)
-        return bindparam(name, type_=BigInteger() if seconds else DateTime())
+        if name not in self._binds:
+            self._binds[name] = bindparam(
+                name, type_=BigInteger() if seconds else DateTime(),
+                callable_=functools.partial(self._value, offset, seconds))
+        return self._binds[name]
 
-    def values(self, now: datetime) -> dict[str, Any]:
-        """Every instant handed out so far, for the tick at `now`."""
-        return {name: math.floor(((now + offset) - _EPOCH).total_seconds()) if seconds
-                else now + offset for name, (offset, seconds) in self._offsets.items()}
+    def _value(self, offset: timedelta, seconds: bool) -> datetime | int:
+        if self.now is None:
+            raise RuntimeError("a statement over the tick's instant ran with no instant set")
+        moment = self.now + offset
+        return math.floor((moment - _EPOCH).total_seconds()) if seconds else moment
 
 
 @dataclass

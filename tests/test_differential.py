@@ -142,14 +142,13 @@ def test_sql_and_explain_agree(db: Engine, project_config: ProjectConfig,
         evaluator._local_days(conn, now)
         ctx, base = evaluator._context(now)
         query = base.add_columns(ctx.customer.c.id).where(*(c.sql(ctx) for c in compiled))
-        by_sql = set(conn.execute(query, ctx.instants.values(now)).scalars())
+        by_sql = set(conn.execute(query).scalars())
         by_python = {
             i for i in range(1, len(customers) + 1)
             if all(c.py(load_facts(conn, i, now, project_config.club.timezone)) for c in compiled)
         }
         stages_sql = dict(conn.execute(base.add_columns(
-            ctx.customer.c.id, evaluator.lifecycle.stage_sql(ctx)),
-            ctx.instants.values(now)).all())
+            ctx.customer.c.id, evaluator.lifecycle.stage_sql(ctx))).all())
         stages_py = {i: evaluator.lifecycle.stage_py(
             load_facts(conn, i, now, project_config.club.timezone))
             for i in range(1, len(customers) + 1)}
@@ -157,19 +156,17 @@ def test_sql_and_explain_agree(db: Engine, project_config: ProjectConfig,
         # ingestion keeps (`_load` fills them as it does)
         rows, on_rows = evaluator._context(now, row=True)
         stages_rows = dict(conn.execute(on_rows.add_columns(
-            rows.customer.c.id, evaluator.lifecycle.stage_sql(rows)),
-            rows.instants.values(now)).all())
+            rows.customer.c.id, evaluator.lifecycle.stage_sql(rows))).all())
         by_rows = set(conn.execute(on_rows.add_columns(rows.customer.c.id).where(
-            *(c.sql(rows) for c in compiled)), rows.instants.values(now)).scalars())
+            *(c.sql(rows) for c in compiled))).scalars())
         # an incremental tick evaluates over its copies of the changed customers: the same
         # conditions and stages there (every customer here counts as changed)
         evaluator._copy_changed(conn, -1)
         copy, copied = evaluator._context(now, customers=CHANGED_CUSTOMERS, row=True)
         by_copy = set(conn.execute(copied.add_columns(copy.customer.c.id).where(
-            *(c.sql(copy) for c in compiled)), copy.instants.values(now)).scalars())
+            *(c.sql(copy) for c in compiled))).scalars())
         stages_copy = dict(conn.execute(copied.add_columns(
-            copy.customer.c.id, evaluator.lifecycle.stage_sql(copy)),
-            copy.instants.values(now)).all())
+            copy.customer.c.id, evaluator.lifecycle.stage_sql(copy))).all())
     assert by_sql == by_python, conditions
     assert stages_sql == stages_py
     assert by_copy == by_sql, conditions

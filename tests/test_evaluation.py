@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import pytest
 from sqlalchemy import Engine, event, func, select
+from sqlalchemy.engine.default import CACHE_HIT
 
 from engine.clock import FixedClock
 from engine.config import ProjectConfig
@@ -437,36 +438,49 @@ def test_incremental_ticks_of_one_slot_run_one_insert_at_each_ticks_own_instant(
         db: Engine, clock: FixedClock, project_config: ProjectConfig) -> None:
     """A trigger's occurrence INSERT is built once and run again by the next incremental tick of
     the same slot, with that tick's instant bound: a windowed count is taken at the second
-    tick's instant, not the first's."""
+    tick's instant, not the first's, and SQLAlchemy runs it compiled once."""
     ing = seed(db, clock)
     trig = make_trigger(id="t", when={"schedule": "0 0 * * *"}, conditions=["visits_30d >= 1"])
-    evaluator = Evaluator(db, project_config, [trig], clock)
+    # first, and built only once its slot begins (the club's Monday 11:00, between the two
+    # incremental ticks): its window is a new instant of the evaluator's
+    weekly = make_trigger(id="weekly", when={"schedule": "0 11 * * mon"},
+                          conditions=["visits_90d >= 1"])
+    evaluator = Evaluator(db, project_config, [weekly, trig], clock)
     evaluator.tick()  # nobody has visited yet
     inserts: list[Any] = []
+    compiled: list[Any] = []
 
     def record(conn: Any, clause: Any, *args: Any) -> None:
         if str(clause).startswith("INSERT INTO occurrences"):
             inserts.append(clause)
 
+    def cache(conn: Any, cursor: Any, statement: str, params: Any, context: Any,
+              *args: Any) -> None:
+        if statement.startswith("INSERT INTO occurrences"):
+            compiled.append(context.cache_hit)
+
     def visits_then_tick(visits: dict[str, datetime]) -> dict[str, int]:
         ing.events([EventIn(customer_external_id=who, kind="visit", occurred_at=at)
                     for who, at in visits.items()])
-        return listening(db, "before_execute", record,
-                         lambda: evaluator.tick(kind=TickKind.INCREMENTAL)).occurrences
+        return listening(db, "before_execute", record, lambda: listening(
+            db, "after_cursor_execute", cache,
+            lambda: evaluator.tick(kind=TickKind.INCREMENTAL))).occurrences
 
     first = clock.now() + timedelta(minutes=5)
     clock.set(first)
-    assert visits_then_tick({"ann": first - timedelta(minutes=1)}) == {"t": 1}
+    assert first.isoweekday() == 1
+    assert visits_then_tick({"ann": first - timedelta(minutes=1)}) == {"weekly": 0, "t": 1}
     clock.set(first + timedelta(hours=2))
     # Bob's visit lies inside the 30 days before the first tick, outside those before this one
     assert visits_then_tick({"bob": first - timedelta(days=30, hours=-1),
-                             "cat": clock.now() - timedelta(minutes=1)}) == {"t": 1}
+                             "cat": clock.now() - timedelta(minutes=1)}) == {"weekly": 2, "t": 1}
     with db.connect() as conn:
         fired = conn.execute(select(Customer.external_id).join(
             Occurrence, Occurrence.customer_id == Customer.id)
             .order_by(Customer.external_id)).scalars().all()
-    assert fired == ["ann", "cat"]
-    assert len(inserts) == 2 and inserts[0] is inserts[1]
+    assert fired == ["ann", "bob", "cat", "cat"]
+    assert len(inserts) == 3 and inserts[0] is inserts[2]  # `weekly` ran in between
+    assert compiled[2] == CACHE_HIT, compiled
 
 
 @pytest.mark.parametrize(("conditions", "reads_memberships"), [

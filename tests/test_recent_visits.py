@@ -24,11 +24,10 @@ OPS = ["==", "!=", "<", "<=", ">", ">="]
 def _evaluate(db: Engine, conditions: list[str], now: datetime) -> dict[str, set[int]]:
     c = Customer.__table__
     ctx = SqlContext(customer=c, membership=None, local_today=now.date(),
-                     instants=TickInstants())
+                     instants=TickInstants(now))
     with db.connect() as conn:
-        return {text: set(conn.execute(select(c.c.id).where(compile_condition(text).sql(ctx)),
-                                       ctx.instants.values(now)).scalars())
-                for text in conditions}
+        return {text: set(conn.execute(select(c.c.id).where(
+            compile_condition(text).sql(ctx))).scalars()) for text in conditions}
 
 
 def _counted(visits: list[list[datetime]], days: int, now: datetime) -> list[int]:
