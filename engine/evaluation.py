@@ -277,8 +277,10 @@ class Evaluator:
         self._assignments: dict[tuple[Any, ...], _Assigned] = {}  # see _assignment
         # memberships -> its alias "m"; customers (or the copy) -> the membership on their rows
         self._aliases: dict[str, FromClause | RowMembership] = {}
-        # the tick's instant in the statements, bound when they run (`_occurrence_insert`)
+        # the tick's instant in the statements, read when they run (`_context` sets it)
         self._instants = TickInstants()
+        # the occurrence INSERTs kept from tick to tick, by shape, least recently run first
+        # (`_fire`)
         self._inserts: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
         # an incremental tick's copy of the changed customers, through the change_seq index
         c = table(Customer)
@@ -1151,7 +1153,8 @@ def _cron(expr: str, tz: str) -> CronTrigger:
 def _with_membership(source: FromClause, c: FromClause, m: FromClause | RowMembership, *,
                      outer: bool = True) -> FromClause:
     """`source` joined with the current membership of its customers `c` (outer: customers
-    without one kept); as it is where the membership is on their rows."""
+    without one kept); `source` itself where the membership is on their rows (`m` a
+    `RowMembership`)."""
     if isinstance(m, RowMembership):
         return source
     on = m.c.id == c.c.current_membership_id

@@ -87,7 +87,6 @@ class RowMembership:
     nothing: no lookup of a membership row per customer."""
 
     def __init__(self, customers: FromClause) -> None:
-        self.customers = customers
         self.c = _Columns({"id": customers.c.current_membership_id,
                            "customer_id": customers.c.id,
                            **{column: customers.c[name]
