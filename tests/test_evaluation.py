@@ -533,3 +533,37 @@ def test_an_every_scope_probes_the_customers_occurrences_not_a_pass_over_all_of_
     for hours, fired in ((1, 0), (1, 3)):
         clock.advance(timedelta(hours=hours))
         assert ev.tick().occurrences == {"t": fired}
+
+
+def test_a_kept_insert_is_built_again_for_a_new_local_date(
+        db: Engine, clock: FixedClock, project_config: ProjectConfig) -> None:
+    """An event trigger's INSERT, kept from one incremental tick to the next, is built again
+    when the customers' local date moves: a day count to the membership's end is counted from
+    the new date, not the one the kept statement was built for."""
+    ing = seed(db, clock)  # Bob's membership ends in 14 days
+    today = clock.now().date()
+    ing.customers([CustomerIn(external_id="dan", first_name="Dan", email="dan@example.com")])
+    ing.memberships([MembershipIn(external_id="m-dan", customer_external_id="dan",
+                                  starts_on=today - timedelta(days=100),
+                                  ends_on=today + timedelta(days=15))])
+    trig = make_trigger(id="t", when={"event": "visit"},
+                        conditions=["days_until_membership_end == 14"])
+    evaluator = Evaluator(db, project_config, [trig], clock)
+    evaluator.tick()
+
+    def visits_then_tick(*who: str) -> dict[str, int]:
+        ing.events([EventIn(customer_external_id=name, kind="visit", occurred_at=clock.now())
+                    for name in who])
+        return evaluator.tick(kind=TickKind.INCREMENTAL).occurrences
+
+    clock.advance(timedelta(minutes=5))
+    assert visits_then_tick("bob", "dan") == {"t": 1}  # Bob: 14 days, Dan: 15
+    clock.advance(timedelta(minutes=5))
+    assert visits_then_tick("dan") == {"t": 0}  # the kept statement, run again
+    clock.advance(timedelta(days=1))
+    assert visits_then_tick("bob", "dan") == {"t": 1}  # Bob: 13 days, Dan: 14
+    with db.connect() as conn:
+        fired = conn.execute(select(Customer.external_id).join(
+            Occurrence, Occurrence.customer_id == Customer.id)
+            .order_by(Occurrence.id)).scalars().all()
+    assert fired == ["bob", "dan"]
