@@ -207,7 +207,7 @@ class _CollectionPause:
                     gc.enable()
 
 
-# A full collection of a running engine's heap takes 20-110 ms (measured in the benchmark's
+# A full collection of a running engine's heap takes 17-110 ms (measured in the benchmark's
 # incremental ticks at a million customers). Landing inside a tick or an ingestion batch, it
 # holds the transaction, and with it SQLite's only write lock (PostgreSQL's row locks), open
 # that much longer. Blocks wrapped in this (on any thread, nested or not) run without it; the

@@ -453,7 +453,7 @@ class Evaluator:
         self._local_days(conn, now)
         params = ({} if self.policy is None
                   else self.policy.params(tick_id, now, self._zones, self.default_tz))
-        ctx, base = self._context(now)
+        ctx, _ = self._context(now)  # the triggers' (the stages read one of their own)
         changed: SqlContext | None = None
         previous_full: Row[Any] | None = None
         # before the copy, so that the customers of every event up to it are in the copy

@@ -118,9 +118,9 @@ class Customer(Base):
     visit_count: Mapped[int] = mapped_column(default=0)
     lifetime_value: Mapped[float] = mapped_column(Float, default=0.0)
     current_membership_id: Mapped[int | None] = mapped_column(BigId)
-    # The current membership's columns, kept with its id by ingestion (NULL without one): an
-    # incremental tick reads the changed customers' memberships from their own rows instead of
-    # looking each up in `memberships`.
+    # The current membership's columns, kept with its id by ingestion (NULL without one): the
+    # stages and an incremental tick's triggers read the membership from the customer's own row
+    # instead of looking it up in `memberships` (`engine.metrics.RowMembership`).
     membership_plan: Mapped[str | None] = mapped_column(String(64))
     membership_price: Mapped[float | None] = mapped_column(Float)
     membership_starts_on: Mapped[date | None]
