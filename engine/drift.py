@@ -25,8 +25,8 @@ from zoneinfo import ZoneInfo
 
 from sqlalchemy import Select, select
 
-from engine.metrics import Clocked, Metric, UnknownName, resolve
-from engine.models import Customer, Event, Membership
+from engine.metrics import Clocked, Metric, RowMembership, UnknownName, resolve
+from engine.models import Customer, Event
 
 __all__ = ["DayCount", "Drift"]
 
@@ -100,7 +100,7 @@ class Drift:
         either order), the customers' time zones being among `zones`. None if a count cannot be
         bounded (a timestamp count falling with the clock)."""
         c = Customer.__table__
-        m = Membership.__table__
+        m = RowMembership(c)  # the current membership's dates, indexed on the customer rows
         early, late = min(then, now), max(then, now)
         # A day count on the local calendar moves only where the local date moved: the zones
         # whose date at `late` is after their date at `early`, between those dates.
@@ -134,11 +134,9 @@ class Drift:
                     # passes t + (b - 1) days; a second of slack for the truncation
                     shift = timedelta(days=b if b >= 1 else b - 1)
                     ranges.append((early - shift - second, late - shift + second))
-            table = c if count.clocked.source == "customer" else m
-            key = c.c.id if table is c else m.c.customer_id
-            column = table.c[count.clocked.column]
+            column = (c if count.clocked.source == "customer" else m).c[count.clocked.column]
             for low_end, high_end in _merged(ranges):
-                parts.append(select(key).where(column.between(low_end, high_end)))
+                parts.append(select(c.c.id).where(column.between(low_end, high_end)))
         e = Event.__table__
         for kind, days in sorted(self.windows):
             # the window (t - N days, t] gains the events of (early, late] and loses those of

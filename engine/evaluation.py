@@ -101,7 +101,6 @@ from engine.metrics import RowMembership, SqlContext, TickInstants, UnknownName,
 from engine.models import (
     Customer,
     Event,
-    Membership,
     Message,
     MessageStatus,
     Occurrence,
@@ -275,8 +274,8 @@ class Evaluator:
                                     [t.trigger for t in self.triggers]) if policy else None
         self._outbox_statements: dict[bool, Any] = {}  # policy on/off -> the outbox INSERT
         self._assignments: dict[tuple[Any, ...], _Assigned] = {}  # see _assignment
-        # memberships -> its alias "m"; customers (or the copy) -> the membership on their rows
-        self._aliases: dict[str, FromClause | RowMembership] = {}
+        # customers (or the copy) -> the membership on their rows
+        self._aliases: dict[str, RowMembership] = {}
         # the tick's instant in the statements, read when they run (`_context` sets it)
         self._instants = TickInstants()
         # the occurrence INSERTs kept from tick to tick, by shape, least recently run first
@@ -379,25 +378,24 @@ class Evaluator:
         self._zones = {self.default_tz, *_zones(conn)}
         self._days = local_dates(self._zones, now)
 
-    def _context(self, now: datetime, *, customers: Table | None = None,
-                 row: bool = False) -> tuple[SqlContext, Select[Any]]:
-        """The evaluation context and the base FROM (customers and their current membership):
-        the customers table or the incremental tick's copy of some of its rows, and with them
-        the memberships table or (`row`) the membership's columns on the customer row."""
+    def _context(self, now: datetime, *,
+                 customers: Table | None = None) -> tuple[SqlContext, Select[Any]]:
+        """The evaluation context and the base FROM: the customers table or the incremental
+        tick's copy of some of its rows, their current membership read from the columns on
+        their rows (`RowMembership`: no membership row looked up per customer)."""
         c = table(Customer) if customers is None else customers
         self._instants.now = now  # what the statements built over this context read
         # one per source for the evaluator's life: expressions built over its columns are
         # reused from tick to tick (`_assignment`)
-        key = c.name if row else table(Membership).name
-        if key not in self._aliases:
-            self._aliases[key] = RowMembership(c) if row else table(Membership).alias("m")
-        m = self._aliases[key]
+        if c.name not in self._aliases:
+            self._aliases[c.name] = RowMembership(c)
+        m = self._aliases[c.name]
         # Each customer's local date as an expression, not a join: at any instant the zones share
         # two or three dates, so this is a CASE over a few zone lists, or one constant.
         local_today = self._by_zone({d.tz: d.today for d in self._days}, Date(), customers=c)
         ctx = SqlContext(customer=c, membership=m, local_today=local_today,
                          instants=self._instants)
-        return ctx, select().select_from(_with_membership(c, c, m))
+        return ctx, select().select_from(c)
 
     def _copy_changed(self, conn: Connection, previous_seq: int) -> None:
         """Fill CHANGED_CUSTOMERS with the customers changed since `previous_seq`."""
@@ -460,7 +458,7 @@ class Evaluator:
         event_max = conn.execute(select(func.max(Event.id))).scalar() or 0
         if kind is TickKind.INCREMENTAL:
             self._copy_changed(conn, previous_seq)
-            changed, base = self._context(now, customers=CHANGED_CUSTOMERS, row=True)
+            changed, base = self._context(now, customers=CHANGED_CUSTOMERS)
             result.stage_changes = self.lifecycle.record_changes(
                 conn, base, changed, tick_id, now, copy=CHANGED_CUSTOMERS)
         else:
@@ -468,9 +466,7 @@ class Evaluator:
             self._then = ({d.tz: d for d in local_dates(self._zones, previous_full.now)}
                           if previous_full is not None else {})
             restaged = self._restaged(previous_full, now, previous_seq)
-            # the stages read the membership on the customer rows: no lookup of a membership
-            # row for each customer restaged
-            staging, base = self._context(now, row=True)
+            staging, base = self._context(now)
             if restaged is not None:
                 base = base.where(staging.customer.c.id.in_(restaged))
             result.stage_changes = self.lifecycle.record_changes(conn, base, staging, tick_id,
@@ -653,7 +649,7 @@ class Evaluator:
         trig = loaded.trigger
         when = trig.when
         c, m, days = ctx.customer, ctx.membership, self._days
-        joined: FromClause = _with_membership(c, c, m)
+        joined: FromClause = c
         # The read is driven by one indexed term: the customers to re-read in a settled slot,
         # the anchor date (date triggers), the range of a day count, or else the stage and time
         # zone (schedule triggers). The other terms are written so that SQLite's planner, which
@@ -696,7 +692,7 @@ class Evaluator:
                 ev = select(e.c.customer_id, func.min(e.c.id).label("event_id"),
                             func.min(e.c.occurred_at).label("occurred_at")) \
                     .where(ev_filter).group_by(e.c.customer_id).subquery("ev")
-            joined = _with_membership(ev.join(c, c.c.id == ev.c.customer_id), c, m)
+            joined = ev.join(c, c.c.id == ev.c.customer_id)
             event_id = ev.c.event_id
             slot = cast(ev.c.event_id, String)
         elif isinstance(when, StageWhen):
@@ -709,12 +705,14 @@ class Evaluator:
                 sh.c.id > bindparam("stages_after", type_=BigInteger()),
                 sh.c.id <= bindparam("stages_upto", type_=BigInteger()),
             ).group_by(sh.c.customer_id).subquery("entered")
-            joined = _with_membership(entered.join(c, c.c.id == entered.c.customer_id), c, m)
+            joined = entered.join(c, c.c.id == entered.c.customer_id)
             filters.append(c.c.stage == when.stage_entered)
             slot = cast(entered.c.change_id, String)
         elif isinstance(when, RelativeWhen):
             # Due where the anchor date is today's firing date (yesterday's before `at`) minus
-            # the offset, in the customer's zone; read through the anchor date's index.
+            # the offset, in the customer's zone; read through the index of the anchor date on
+            # the customer rows. Customers without a membership have none: the term below drops
+            # them.
             zones_by_anchor: dict[date, list[str]] = {}
             fire_dates: dict[date, date] = {}
             for d in days:
@@ -724,8 +722,6 @@ class Evaluator:
                 fire_dates[anchor] = fire_date
             anchor_col: ColumnElement[Any] = (
                 m.c.ends_on if when.anchor is Anchor.MEMBERSHIP_ENDS else m.c.starts_on)
-            # customers without a membership have no anchor date: the term below drops them
-            joined = _with_membership(c, c, m, outer=False)
             if c is table(Customer) and not by_ids:
                 # the anchor dates as one list, for the anchor's index (the copies' small
                 # indexes serve each anchor of the term below: SQLite reads them as a
@@ -761,15 +757,9 @@ class Evaluator:
         filters.extend(ranges)
         once = trig.once
         o = Occurrence.__table__
-        # The current membership's id from the customer row (ingestion keeps it, and never
-        # deletes a membership): where nothing else reads the membership, the databases drop
-        # the outer join, a row lookup per candidate (SQLite: 0.12 s of 0.6 s for a schedule
-        # trigger's 33,000 occurrences at a million customers). A date trigger reads the
-        # membership anyway, and takes its key from it: SQLite tests a term in the first loop
-        # that has its columns, and a scope key over the customer row alone would put the
-        # probe of the occurrences below before the anchor date's test when the customers
-        # drive the read (a settled slot's ids).
-        membership_id = m.c.id if isinstance(when, RelativeWhen) else c.c.current_membership_id
+        # the current membership's id, on the customer row with its columns (ingestion keeps
+        # them, and never deletes a membership)
+        membership_id = m.c.id
         if once == Scope.PER_CYCLE:
             scope = literal("cycle:") + cast(func.coalesce(membership_id, 0), String)
         elif once == Scope.EVER:
@@ -1148,17 +1138,6 @@ def _latest_slot(expr: str, day: LocalDay) -> str | None:
 def _cron(expr: str, tz: str) -> CronTrigger:
     """A schedule in a zone, parsed once."""
     return CronTrigger.from_crontab(expr, timezone=ZoneInfo(tz))
-
-
-def _with_membership(source: FromClause, c: FromClause, m: FromClause | RowMembership, *,
-                     outer: bool = True) -> FromClause:
-    """`source` joined with the current membership of its customers `c` (outer: customers
-    without one kept); `source` itself where the membership is on their rows (`m` a
-    `RowMembership`)."""
-    if isinstance(m, RowMembership):
-        return source
-    on = m.c.id == c.c.current_membership_id
-    return source.outerjoin(m, on) if outer else source.join(m, on)
 
 
 def _bound_in_full(stmt: Any) -> bool:

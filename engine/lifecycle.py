@@ -105,8 +105,8 @@ class Lifecycle:
                        now: datetime, *, copy: Table | None = None) -> int:
         """Insert a stage_history row for every customer in `base` whose stage or cycle changed,
         then move those customers to their new stage. `base` selects from the customers of `ctx`
-        (the table, or `copy`: a copy of some of its rows, moved too) and their current
-        membership (joined, or on their rows); it may carry extra filters."""
+        (the table, or `copy`: a copy of some of its rows, moved too), whose current membership
+        is on their rows; it may carry extra filters."""
         c = ctx.customer
         computed = (
             base.add_columns(

@@ -72,7 +72,7 @@ class SqlContext:
     """The FROM clause a compiled condition refers to, and the tick's instant (`instants`)."""
 
     customer: FromClause
-    membership: FromClause | RowMembership
+    membership: RowMembership
     local_today: ColumnElement[Any]
     instants: TickInstants
 

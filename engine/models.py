@@ -118,9 +118,9 @@ class Customer(Base):
     visit_count: Mapped[int] = mapped_column(default=0)
     lifetime_value: Mapped[float] = mapped_column(Float, default=0.0)
     current_membership_id: Mapped[int | None] = mapped_column(BigId)
-    # The current membership's columns, kept with its id by ingestion (NULL without one): the
-    # stages and an incremental tick's triggers read the membership from the customer's own row
-    # instead of looking it up in `memberships` (`engine.metrics.RowMembership`).
+    # The current membership's columns, kept with its id by ingestion (NULL without one): ticks
+    # read the membership from the customer's own row instead of looking it up in `memberships`
+    # (`engine.metrics.RowMembership`), and find a date trigger's due customers by its dates.
     membership_plan: Mapped[str | None] = mapped_column(String(64))
     membership_price: Mapped[float | None] = mapped_column(Float)
     membership_starts_on: Mapped[date | None]
@@ -138,12 +138,12 @@ class Customer(Base):
     change_seq: Mapped[int] = mapped_column(BigInteger, default=0, index=True)
 
     # stage: a whole stage, in key order; (stage, timezone): a schedule trigger's stages in the
-    # few zones where its slot passed; current_membership_id: date-relative triggers read
-    # memberships by date, then their customers; last_visit_at: the tick finds whose days since
-    # the last visit crossed a boundary.
+    # few zones where its slot passed; the membership's dates: date-relative triggers read the
+    # customers whose membership starts or ends on their anchor date; these and last_visit_at:
+    # the tick finds whose day counts crossed a boundary.
     __table_args__ = (Index(None, "stage"), Index(None, "stage", "timezone"),
-                      Index(None, "timezone"), Index(None, "current_membership_id"),
-                      Index(None, "last_visit_at"))
+                      Index(None, "timezone"), Index(None, "membership_starts_on"),
+                      Index(None, "membership_ends_on"), Index(None, "last_visit_at"))
 
 
 # How many of a customer's latest visits `Customer.recent_visits` keeps: a condition comparing a

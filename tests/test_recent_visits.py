@@ -13,7 +13,7 @@ from sqlalchemy import Engine, delete, insert, select, update
 from engine.clock import FixedClock
 from engine.conditions import compile_condition
 from engine.ingest import CustomerIn, EventIn, Ingestor, recent_visits
-from engine.metrics import SqlContext, TickInstants
+from engine.metrics import RowMembership, SqlContext, TickInstants
 from engine.models import RECENT_VISITS, Customer, Event
 
 NOW = datetime(2026, 3, 29, 0, 30)
@@ -23,7 +23,7 @@ OPS = ["==", "!=", "<", "<=", ">", ">="]
 
 def _evaluate(db: Engine, conditions: list[str], now: datetime) -> dict[str, set[int]]:
     c = Customer.__table__
-    ctx = SqlContext(customer=c, membership=None, local_today=now.date(),
+    ctx = SqlContext(customer=c, membership=RowMembership(c), local_today=now.date(),
                      instants=TickInstants(now))
     with db.connect() as conn:
         return {text: set(conn.execute(select(c.c.id).where(
