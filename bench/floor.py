@@ -5,7 +5,8 @@ One statement computes every customer's lifecycle stage and counts those whose s
 changed (what the tick records); then one statement per trigger counts its candidates: due by its
 `when` in the customer's local calendar, in its stages, its conditions holding, not fired within
 its `every` window. Counting in the database keeps the cost of moving rows out of the figure, as
-the tick's INSERT ... SELECT does.
+the tick's INSERT ... SELECT does. The current membership is read from the customer rows
+(`customers.membership_*`, as the tick reads it), not joined.
 
 The stage CASE is written for config/lifecycle.yaml and the conditions for bench/triggers.py;
 `check_definitions` refuses to run when either has changed under it.
@@ -40,7 +41,7 @@ LIFECYCLE = [
 # days" (the N-th latest visit kept on the customer row falls inside the window), {dslv} the
 # whole days since the last visit.
 CONDITIONS = {
-    'plan != "corporate"': "m.plan <> 'corporate'",
+    'plan != "corporate"': "c.membership_plan <> 'corporate'",
     "lifetime_value > 500": "c.lifetime_value > 500",
     "visits_total == 0": "c.visit_count = 0",
     "visits_total == 1": "c.visit_count = 1",
@@ -149,14 +150,16 @@ class Floor:
                                        v30_12=self.v30(12), dslv=self.dslv())
 
     def stage_case(self) -> str:
-        start = self.d.days("m.starts_on", self.today)
-        end = self.d.days(self.today, "m.ends_on")
+        start = self.d.days("c.membership_starts_on", self.today)
+        end = self.d.days(self.today, "c.membership_ends_on")
         return (
             "CASE"
-            f" WHEN m.status = 'active' AND {start} >= 0 AND {start} < 28 AND {end} > 30"
+            f" WHEN c.membership_status = 'active' AND {start} >= 0 AND {start} < 28"
+            f" AND {end} > 30"
             " THEN 'onboarding'"
-            f" WHEN m.status = 'active' AND {end} >= 0 AND {end} <= 30 THEN 'renewal_due'"
-            f" WHEN m.status = 'active' AND {end} > 30"
+            f" WHEN c.membership_status = 'active' AND {end} >= 0 AND {end} <= 30"
+            " THEN 'renewal_due'"
+            f" WHEN c.membership_status = 'active' AND {end} > 30"
             f" AND ({self.dslv()} IS NULL OR {self.dslv()} <= 45) THEN 'active'"
             " ELSE 'lapsed' END")
 
@@ -166,7 +169,7 @@ class Floor:
         return (
             "SELECT count(*) FROM (SELECT c.stage AS old_stage, c.stage_membership_id AS old_m,"
             f" c.current_membership_id AS m_id, {self.stage_case()} AS new_stage"
-            " FROM customers c LEFT JOIN memberships m ON m.id = c.current_membership_id) s"
+            " FROM customers c) s"
             " WHERE old_stage IS NULL OR old_stage <> new_stage"
             " OR coalesce(old_m, -1) <> coalesce(m_id, -1)")
 
@@ -174,7 +177,7 @@ class Floor:
         trig = loaded.trigger
         when = trig.when
         event_wm, stage_wm = self.watermarks.get(trig.id, (0, 0))
-        source = "customers c LEFT JOIN memberships m ON m.id = c.current_membership_id"
+        source = "customers c"
         where = [self.condition(c) for c in trig.conditions]
         # As a careful hand would write it for a database without planner statistics: a date
         # trigger is read through its anchor date, `days since the last visit == k` through the
@@ -194,8 +197,7 @@ class Floor:
                 f" WHERE e.kind = '{when.event}' AND e.id > {event_wm} AND e.id <= {self.event_max}"
                 f" AND e.occurred_at > {self.d.ts(self.now - when.within)}"
                 f" AND e.occurred_at <= {self.d.ts(self.now)} GROUP BY e.customer_id) ev"
-                " JOIN customers c ON c.id = ev.customer_id"
-                " LEFT JOIN memberships m ON m.id = c.current_membership_id")
+                " JOIN customers c ON c.id = ev.customer_id")
         elif isinstance(when, StageWhen):
             if self.stage_max <= stage_wm:
                 return None
@@ -203,15 +205,15 @@ class Floor:
                 "(SELECT sh.customer_id, max(sh.id) AS change_id FROM stage_history sh"
                 f" WHERE sh.stage = '{when.stage_entered}' AND sh.id > {stage_wm}"
                 f" AND sh.id <= {self.stage_max} GROUP BY sh.customer_id) en"
-                " JOIN customers c ON c.id = en.customer_id"
-                " LEFT JOIN memberships m ON m.id = c.current_membership_id")
+                " JOIN customers c ON c.id = en.customer_id")
             where.append(f"c.stage = '{when.stage_entered}'")
         elif isinstance(when, RelativeWhen):
             rows = []
             for day in self.days:
                 fire = day.today if day.local_now.time() >= when.at else day.today - timedelta(1)
                 rows.append((f"'{day.tz}'", self.d.date(fire - timedelta(days=when.offset_days))))
-            column = "m.ends_on" if when.anchor is Anchor.MEMBERSHIP_ENDS else "m.starts_on"
+            column = ("c.membership_ends_on" if when.anchor is Anchor.MEMBERSHIP_ENDS
+                      else "c.membership_starts_on")
             source += (f" JOIN {self.d.values('due', ['tz', 'anchor'], rows)}"
                        f" ON due.tz = {self.tz} AND due.anchor = {column}")
             where.append(f"{column} IN ({', '.join(sorted({r[1] for r in rows}))})")
