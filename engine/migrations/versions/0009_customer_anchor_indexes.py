@@ -7,10 +7,10 @@ Create Date: 2026-12-07 05:00:00
 - `customers (membership_starts_on)`, `customers (membership_ends_on)`: a date-relative trigger
   reads the customers whose current membership starts or ends on its anchor date from their own
   rows (the columns of migration 0008), and a full tick finds the customers whose day count to
-  a membership date crossed a boundary the same way. Both read `memberships` by date before,
-  then each customer through `current_membership_id`: a membership row and a customer row per
-  customer due (on PostgreSQL at a million customers, 25-35 ms of each date trigger's 40-100 ms
-  in the steady tick, bench/README).
+  a membership date crossed a boundary the same way. Both read `memberships` by date before: a
+  date trigger then each due customer through `current_membership_id`, a membership row and a
+  customer row per customer (on PostgreSQL at a million customers, the steady tick's twelve
+  date triggers about 855 ms before, 520 ms after; bench/README).
 - `customers (current_membership_id)` dropped: that lookup was its only reader.
 
 On PostgreSQL the indexes are built and dropped CONCURRENTLY, outside the migration's
