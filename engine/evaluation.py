@@ -10,8 +10,9 @@ A tick, in one transaction:
    turns the treated ones into outbox messages.
 
 An incremental tick restricts steps 1-2 to customers whose data changed since the previous tick,
-read from temporary copies of them and their memberships made once per tick; event and
-stage-entry triggers always read only what arrived since their watermark.
+read from a temporary copy of their rows made once per tick (the current membership's columns
+are on those rows); event and stage-entry triggers always read only what arrived since their
+watermark.
 
 A full tick re-reads a date or schedule trigger's due customers only where something may have
 changed since the previous full tick evaluated them, if that tick evaluated the same trigger
@@ -875,7 +876,7 @@ class Evaluator:
         """Arm, variant and channel of the trigger's occurrences, as expressions
         over the candidates' columns; built once per trigger, contact policy (or none) and source
         of customer rows, not per tick: the columns are those of that source and of its one
-        membership alias (`_context`), the same objects every tick."""
+        `RowMembership` (`_context`), the same objects every tick."""
         key = (id(self.policy), trig.id, id(customers))
         built = self._assignments.get(key)
         if built is not None:

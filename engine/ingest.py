@@ -192,12 +192,18 @@ class Ingestor:
                 payload.append({**data, "customer_id": cid, "created_at": now, "updated_at": now})
             if result.errors:
                 return result
+            # a membership moved to another customer leaves its previous owner: their current
+            # membership (and its columns on their row) is computed again too
+            m = table(Membership)
+            owners = {p["customer_id"] for p in payload}
+            for chunk in _chunks([p["external_id"] for p in payload]):
+                owners.update(conn.execute(
+                    select(m.c.customer_id).where(m.c.external_id.in_(chunk))).scalars())
             for chunk in _chunks(payload):
-                _upsert(conn, table(Membership), "external_id", chunk,
+                _upsert(conn, m, "external_id", chunk,
                         ["customer_id", "plan", "price", "starts_on", "ends_on", "status",
                          "updated_at"])
-            self._refresh(conn, {p["customer_id"] for p in payload}, now,
-                          bump_counter(conn, "change"), memberships=True)
+            self._refresh(conn, owners, now, bump_counter(conn, "change"), memberships=True)
         result.written = len(payload)
         return result
 

@@ -385,6 +385,36 @@ def test_sqlite_reads_the_changed_customers_due_by_the_copies_anchor_index(
                 if "tick_changed_customers" in step and step not in memberships], plans
 
 
+def test_a_membership_moved_to_another_customer_leaves_its_previous_owners_row(
+        db: Engine, clock: FixedClock, project_config: ProjectConfig) -> None:
+    """A membership ingested again under another customer moves: the previous owner's current
+    membership and its columns on their row are computed again (none left here), so a tick,
+    which reads them there, no longer finds them due for its dates."""
+    ing = seed(db, clock)
+    today = clock.now().date()
+    # Bob's membership ends in 14 days: the reminder's anchor
+    reminder = make_trigger(id="reminder", when={"before": "membership.ends_at", "days": 14,
+                                                 "at": "00:00"})
+    ing.memberships([MembershipIn(external_id="m-bob", customer_external_id="ann",
+                                  plan="monthly", price=40,
+                                  starts_on=today - timedelta(days=300),
+                                  ends_on=today + timedelta(days=14))])
+    c, m = Customer.__table__, Membership.__table__
+    with db.connect() as conn:
+        rows = {r.external_id: r for r in conn.execute(select(
+            c.c.external_id, c.c.current_membership_id, c.c.membership_plan,
+            c.c.membership_ends_on, c.c.lifetime_value,
+            select(m.c.external_id).where(m.c.id == c.c.current_membership_id)
+            .scalar_subquery().label("current")))}
+    assert (rows["bob"].current_membership_id, rows["bob"].membership_plan,
+            rows["bob"].membership_ends_on, rows["bob"].lifetime_value) == (None, None, None, 0)
+    # Ann's own membership began later: still her current one
+    assert (rows["ann"].current, rows["ann"].membership_plan, rows["ann"].lifetime_value) == (
+        "m-ann", "annual", 520)
+    result = Evaluator(db, project_config, [reminder], clock).tick()
+    assert result.occurrences == {"reminder": 0}
+
+
 def test_ticks_read_the_customers_memberships_from_their_rows(
         db: Engine, clock: FixedClock, project_config: ProjectConfig) -> None:
     """Ingestion keeps the current membership's columns on the customer row, and ticks read the
@@ -442,6 +472,16 @@ def test_ticks_read_the_customers_memberships_from_their_rows(
         fired = conn.execute(select(Occurrence.trigger_id, Customer.external_id).join(
             Customer, Occurrence.customer_id == Customer.id).order_by(Occurrence.id)).all()
     assert [tuple(row) for row in fired] == [("reminder", "bob"), ("t", "bob")]
+    # a full tick a day later restages the customers whose membership day counts crossed a
+    # boundary of the stages (found by the membership's dates on their rows)
+    restaged: list[str] = []
+    clock.advance(timedelta(days=1))
+    listening(db, "before_cursor_execute", record,
+              lambda: listening(db, "before_cursor_execute",
+                                lambda conn, cursor, statement, *args: restaged.append(statement)
+                                if statement.startswith("INSERT INTO stage_history") else None,
+                                evaluator.tick))
+    assert len(restaged) == 1 and "membership_ends_on BETWEEN" in restaged[0], restaged
     assert statements and not [s for s in statements if re.search(r"\bmemberships\b", s)], [
         s for s in statements if re.search(r"\bmemberships\b", s)]
 
@@ -507,11 +547,17 @@ def test_a_trigger_reads_the_membership_from_the_customer_rows(
     seed(db, clock)
     trig = make_trigger(id="t", when={"schedule": "0 * * * *"}, conditions=conditions,
                         once="per_cycle", holdout="50%")
-    result, explained = occurrence_plans(db, Evaluator(db, project_config, [trig], clock).tick)
+    inserts: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.startswith("INSERT INTO occurrences"):
+            inserts.append(statement)
+
+    result = listening(db, "before_cursor_execute", record,
+                       Evaluator(db, project_config, [trig], clock).tick)
     fired = result.occurrences["t"]
-    plans = ["\n".join(str(row) for row in rows) for rows in explained]
-    assert len(plans) == 1
-    assert "memberships" not in plans[0], plans[0]
+    assert len(inserts) == 1
+    assert not re.search(r"\bmemberships\b", inserts[0]), inserts[0]
     with db.connect() as conn:
         rows = conn.execute(select(Occurrence.membership_id, Occurrence.scope_key,
                                    Customer.current_membership_id)

@@ -43,6 +43,20 @@ def test_an_interrupted_concurrent_index_build_is_redone(db: Engine) -> None:
     assert "(kind, occurred_at, customer_id) INCLUDE (id)" in definition
 
 
+def test_customer_anchor_indexes_survive_a_run_stopped_half_way(db: Engine) -> None:
+    """0009 builds two indexes and drops one; on PostgreSQL each step commits on its own. Run
+    again after a stop between them (the new indexes built, the version not yet recorded), it
+    finishes instead of failing on an index that exists, and the schema is the models'."""
+    command.downgrade(alembic_config(db), "0008")
+    with db.begin() as conn:
+        for column in ("membership_starts_on", "membership_ends_on"):
+            conn.exec_driver_sql(f"CREATE INDEX ix_customers_{column} ON customers ({column})")
+    migrate(db)
+    with db.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert diff == []
+
+
 def test_recent_visits_are_filled_for_the_customers_already_stored(db: Engine) -> None:
     """0004 adds `customers.recent_visits` and fills it from the stored events: each customer's
     own latest visits, newest first, in whole seconds since 1970; [] for none."""

@@ -15,6 +15,9 @@ Create Date: 2026-12-07 05:00:00
 
 On PostgreSQL the indexes are built and dropped CONCURRENTLY, outside the migration's
 transaction (as in 0002): a plain CREATE INDEX on a club's customers would hold up ingestion.
+Each step there commits on its own, so a run stopped half way is run again from the start:
+an index already built is kept, one whose build was interrupted is built again, one already
+dropped stays dropped.
 """
 
 from __future__ import annotations
@@ -59,14 +62,17 @@ def upgrade() -> None:
     with _online() as options:
         for column in ANCHORS:
             _drop_if_invalid(f"ix_customers_{column}", options)
-            op.create_index(op.f(f"ix_customers_{column}"), "customers", [column], **options)
+            op.create_index(op.f(f"ix_customers_{column}"), "customers", [column],
+                            if_not_exists=True, **options)
         op.drop_index(op.f("ix_customers_current_membership_id"), table_name="customers",
-                      **options)
+                      if_exists=True, **options)
 
 
 def downgrade() -> None:
     with _online() as options:
+        _drop_if_invalid("ix_customers_current_membership_id", options)
         op.create_index(op.f("ix_customers_current_membership_id"), "customers",
-                        ["current_membership_id"], **options)
+                        ["current_membership_id"], if_not_exists=True, **options)
         for column in reversed(ANCHORS):
-            op.drop_index(op.f(f"ix_customers_{column}"), table_name="customers", **options)
+            op.drop_index(op.f(f"ix_customers_{column}"), table_name="customers",
+                          if_exists=True, **options)
