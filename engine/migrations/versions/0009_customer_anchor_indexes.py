@@ -9,8 +9,8 @@ Create Date: 2026-12-07 05:00:00
   rows (the columns of migration 0008), and a full tick finds the customers whose day count to
   a membership date crossed a boundary the same way. Both read `memberships` by date before: a
   date trigger then each due customer through `current_membership_id`, a membership row and a
-  customer row per customer (on PostgreSQL at a million customers, the steady tick's twelve
-  date triggers about 855 ms before, 520 ms after; bench/README).
+  customer row per customer (on PostgreSQL at a million customers, the steady tick's eleven
+  date triggers about 740 ms before, 450 ms after; bench/README).
 - `customers (current_membership_id)` dropped: that lookup was its only reader.
 
 On PostgreSQL the indexes are built and dropped CONCURRENTLY, outside the migration's
