@@ -452,7 +452,7 @@ class Evaluator:
         self._local_days(conn, now)
         params = ({} if self.policy is None
                   else self.policy.params(tick_id, now, self._zones, self.default_tz))
-        ctx, _ = self._context(now)  # the triggers' (the stages read one of their own)
+        ctx, everyone = self._context(now)  # the triggers', and a full tick's stages
         changed: SqlContext | None = None
         previous_full: Row[Any] | None = None
         # before the copy, so that the customers of every event up to it are in the copy
@@ -467,11 +467,9 @@ class Evaluator:
             self._then = ({d.tz: d for d in local_dates(self._zones, previous_full.now)}
                           if previous_full is not None else {})
             restaged = self._restaged(previous_full, now, previous_seq)
-            staging, base = self._context(now)
-            if restaged is not None:
-                base = base.where(staging.customer.c.id.in_(restaged))
-            result.stage_changes = self.lifecycle.record_changes(conn, base, staging, tick_id,
-                                                                 now)
+            base = everyone if restaged is None else everyone.where(
+                ctx.customer.c.id.in_(restaged))
+            result.stage_changes = self.lifecycle.record_changes(conn, base, ctx, tick_id, now)
 
         stage_max = conn.execute(select(func.max(StageChange.id))).scalar() or 0
         states = {row.trigger_id: row for row in conn.execute(select(TriggerState.__table__))}
