@@ -241,14 +241,10 @@ def phase_writes(url: str) -> dict[str, Any]:
     import writes
 
     conn, dialect = _plain_connection(url)
-    if dialect == "sqlite":
-        conn.isolation_level = None
     cur = conn.cursor()
     first, steady = (row[0] for row in _all(
         cur, "SELECT id FROM ticks WHERE kind = 'full' AND NOT dry_run ORDER BY id LIMIT 2"))
     cur.close()
-    if dialect == "postgresql":
-        conn.commit()
     out = {"steady": writes.measure(conn, dialect, steady),
            "first": writes.measure(conn, dialect, first)}
     conn.close()

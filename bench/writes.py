@@ -62,8 +62,10 @@ def _undo(cur: Any, dialect: str, tick_id: int) -> dict[str, int]:
 
 
 def measure(conn: Any, dialect: str, tick_id: int) -> dict[str, Any]:
-    """The bare writes of tick `tick_id` on a DB-API connection (sqlite3 in autocommit, or
-    psycopg): seconds and rows per table, and their sum."""
+    """The bare writes of tick `tick_id` on a DB-API connection (sqlite3 or psycopg): seconds
+    and rows per table, and their sum."""
+    if dialect == "sqlite":
+        conn.isolation_level = None  # the transactions below are begun and ended by hand
     cur = conn.cursor()
     if dialect == "sqlite":
         # the engine's own page cache and durability (`engine.db.make_engine`)
@@ -112,8 +114,6 @@ def main() -> None:
     parser.add_argument("--tick", type=int, required=True, help="the id of a committed tick")
     args = parser.parse_args()
     conn, dialect = _plain_connection(args.url)
-    if dialect == "sqlite":
-        conn.isolation_level = None
     result = measure(conn, dialect, args.tick)
     conn.close()
     for name, took in result["seconds"].items():
